@@ -1,0 +1,208 @@
+"""Parameter-owning building blocks shared by every model of the zoo.
+
+Each block stores its weights as `nnx.Param` carrying an `axes` metadata tuple
+of *logical* axis names (see `dreambooth_jax.sharding`), so a whole model can be
+sharded by rules without touching model code. We keep our own metadata key
+instead of flax's `sharding`, because flax 0.12 shards annotated variables
+eagerly and demands a mesh at construction; our models are built abstractly
+(`nnx.eval_shape`) or on one host first, and placed on a mesh afterwards.
+
+Parameter names follow one convention that the weight importers rely on:
+`kernel` (Dense: [in, out]; Conv: [kh, kw, in, out]), `bias`, `scale` (norms)
+and `embedding` (lookup tables). PyTorch's `weight` maps onto these by name and
+rank, see `dreambooth_jax.weights.torch_layout`.
+
+Dtypes: `param_dtype` is what is stored (float32 master weights when
+training), `dtype` is what the math runs in (bfloat16 on TPU). Norm statistics
+and softmax always run in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+
+
+class KeyGen:
+  """A deterministic stream of init keys, counted in Python.
+
+  `nnx.Rngs` keeps its counter as traced state; under `nnx.eval_shape` or a
+  jitted sharded init every draw then costs a provenance search in the tracer,
+  quadratic in the number of params (16 s for IF-II-L's 900 tensors). Counting
+  in Python makes building a full-size abstract model take a fraction of that.
+  """
+
+  def __init__(self, seed: int | jax.Array = 0):
+    self.key = jax.random.key(seed) if isinstance(seed, int) else seed
+    self.count = 0
+
+  def __call__(self) -> jax.Array:
+    self.count += 1
+    return jax.random.fold_in(self.key, self.count)
+
+
+Rngs = nnx.Rngs | KeyGen | None
+
+
+def param(rngs: Rngs, init, shape: Sequence[int], dtype, axes: Axes) -> nnx.Param:
+  """Creates a Param with logical `axes`; `rngs=None` draws from a fixed key.
+
+  Importers build models abstractly and overwrite every value, so the
+  initialiser only matters for training from scratch and for tests.
+  """
+  if len(axes) != len(shape):
+    raise ValueError(f"axes {axes} do not match shape {tuple(shape)}")
+  if isinstance(rngs, nnx.Rngs):
+    key = rngs.params()
+  elif rngs is not None:
+    key = rngs()
+  else:
+    key = jax.random.key(0)
+  return nnx.Param(init(key, tuple(shape), dtype), axes=tuple(axes))
+
+
+def _cast(x, dtype):
+  return x if dtype is None else jnp.asarray(x, dtype)
+
+
+class Dense(nnx.Module):
+  """y = x @ kernel + bias, with logical axes for [in, out]."""
+
+  def __init__(self, in_features: int, out_features: int, *, axes: Axes = ("embed", "mlp"),
+               use_bias: bool = True, dtype=None, param_dtype=jnp.float32,
+               rngs: Rngs = None, kernel_init=nnx.initializers.lecun_normal()):
+    self.in_features, self.out_features = in_features, out_features
+    self.dtype = dtype
+    self.kernel = param(rngs, kernel_init, (in_features, out_features), param_dtype, axes)
+    self.bias = (param(rngs, nnx.initializers.zeros, (out_features,), param_dtype, (axes[1],))
+                 if use_bias else None)
+
+  def __call__(self, x):
+    dtype = self.dtype or x.dtype
+    y = jnp.dot(_cast(x, dtype), _cast(self.kernel[...], dtype))
+    if self.bias is not None:
+      y = y + _cast(self.bias[...], dtype)
+    return y
+
+
+class Conv(nnx.Module):
+  """2-D convolution on NHWC inputs, kernel [kh, kw, in, out], symmetric padding."""
+
+  def __init__(self, in_features: int, out_features: int, kernel_size: int = 3, *,
+               stride: int = 1, padding: int | None = None, use_bias: bool = True,
+               dtype=None, param_dtype=jnp.float32, rngs: Rngs = None):
+    self.stride = stride
+    self.padding = kernel_size // 2 if padding is None else padding
+    self.dtype = dtype
+    self.kernel = param(rngs, nnx.initializers.lecun_normal(),
+                        (kernel_size, kernel_size, in_features, out_features), param_dtype,
+                        (None, None, "conv_in", "conv_out"))
+    self.bias = (param(rngs, nnx.initializers.zeros, (out_features,), param_dtype, ("conv_out",))
+                 if use_bias else None)
+
+  def __call__(self, x):
+    dtype = self.dtype or x.dtype
+    p = self.padding
+    y = jax.lax.conv_general_dilated(
+        _cast(x, dtype), _cast(self.kernel[...], dtype),
+        window_strides=(self.stride, self.stride), padding=((p, p), (p, p)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if self.bias is not None:
+      y = y + _cast(self.bias[...], dtype)
+    return y
+
+
+class GroupNorm(nnx.Module):
+  """GroupNorm over the channel (last) axis; statistics in float32."""
+
+  def __init__(self, num_groups: int, num_channels: int, *, eps: float = 1e-5,
+               affine: bool = True, dtype=None, param_dtype=jnp.float32,
+               rngs: Rngs = None):
+    if num_channels % num_groups:
+      raise ValueError(f"GroupNorm: {num_channels} channels not divisible by {num_groups} groups")
+    self.num_groups, self.eps, self.dtype = num_groups, eps, dtype
+    self.scale = param(rngs, nnx.initializers.ones, (num_channels,), param_dtype, ("norm",)) if affine else None
+    self.bias = param(rngs, nnx.initializers.zeros, (num_channels,), param_dtype, ("norm",)) if affine else None
+
+  def __call__(self, x):
+    dtype = self.dtype or x.dtype
+    shape = x.shape
+    xg = x.astype(jnp.float32).reshape(shape[0], -1, self.num_groups, shape[-1] // self.num_groups)
+    mean = xg.mean(axis=(1, 3), keepdims=True)
+    var = jnp.square(xg - mean).mean(axis=(1, 3), keepdims=True)
+    y = ((xg - mean) * jax.lax.rsqrt(var + self.eps)).reshape(shape)
+    if self.scale is not None:
+      y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    return y.astype(dtype)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm over the last axis; statistics in float32."""
+
+  def __init__(self, num_features: int, *, eps: float = 1e-5, use_bias: bool = True,
+               dtype=None, param_dtype=jnp.float32, rngs: Rngs = None):
+    self.eps, self.dtype = eps, dtype
+    self.scale = param(rngs, nnx.initializers.ones, (num_features,), param_dtype, ("norm",))
+    self.bias = (param(rngs, nnx.initializers.zeros, (num_features,), param_dtype, ("norm",))
+                 if use_bias else None)
+
+  def __call__(self, x):
+    dtype = self.dtype or x.dtype
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.square(xf - mean).mean(-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...].astype(jnp.float32)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(jnp.float32)
+    return y.astype(dtype)
+
+
+class RMSNorm(nnx.Module):
+  """T5's LayerNorm: no mean subtraction, no bias; variance in float32."""
+
+  def __init__(self, num_features: int, *, eps: float = 1e-6, dtype=None,
+               param_dtype=jnp.float32, rngs: Rngs = None):
+    self.eps, self.dtype = eps, dtype
+    self.scale = param(rngs, nnx.initializers.ones, (num_features,), param_dtype, ("norm",))
+
+  def __call__(self, x):
+    dtype = self.dtype or x.dtype
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), -1, keepdims=True) + self.eps)
+    # Like transformers, the normalised value is rounded to the weight dtype
+    # before scaling, which keeps bf16 outputs identical to the reference.
+    return (self.scale[...].astype(dtype) * y.astype(dtype)).astype(dtype)
+
+
+class Embed(nnx.Module):
+  """Lookup table [num_embeddings, features]."""
+
+  def __init__(self, num_embeddings: int, features: int, *, axes: Axes = ("vocab", "embed"),
+               dtype=None, param_dtype=jnp.float32, rngs: Rngs = None,
+               init=nnx.initializers.normal(1.0)):
+    self.dtype = dtype
+    self.embedding = param(rngs, init, (num_embeddings, features), param_dtype, axes)
+
+  def __call__(self, ids):
+    table = self.embedding[...]
+    return jnp.take(table, ids, axis=0).astype(self.dtype or table.dtype)
+
+
+def activation(name: str):
+  """diffusers' / transformers' activation names to jax functions (exact, not tanh-approx)."""
+  table = {
+      "silu": jax.nn.silu, "swish": jax.nn.silu, "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
+      "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+      "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+      "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+      "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+      "relu": jax.nn.relu,
+  }
+  if name not in table:
+    raise ValueError(f"unknown activation {name!r}; known: {sorted(table)}")
+  return table[name]

@@ -1,0 +1,462 @@
+"""The DeepFloyd-IF / Imagen-style text-conditioned pixel UNet, in flax.nnx.
+
+Mirrors diffusers' `UNet2DConditionModel` for the block types IF uses, module
+for module and name for name, so diffusers state dicts map onto our params
+with no renames (see `weights.unet`):
+
+- ResnetDownsampleBlock2D / ResnetUpsampleBlock2D: resnets whose resampling is
+  itself a resnet (`down=True`: 2x2 average pool; `up=True`: nearest 2x).
+- SimpleCrossAttnDownBlock2D / UpBlock2D and UNetMidBlock2DSimpleCrossAttn:
+  self-attention whose keys/values are extended by projected text tokens
+  (`add_k_proj` / `add_v_proj`), Imagen's "text K/V added to self-attention".
+- `encoder_hid_proj` (T5 4096 -> cross_attention_dim), addition embedding
+  "text" (attention-pooled T5 added to the time embedding), class embedding
+  "timestep" (the SR stage's augmentation level, a *float* on the 0..1000
+  scale), scale-shift resnets, skip_time_act, output scale factors.
+
+Layout is NHWC throughout (TPU-friendly); the output of IF stages has 6
+channels: epsilon and the learned-range variance interpolation values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dreambooth_jax.models.layers import Conv, Dense, GroupNorm, KeyGen, LayerNorm, Rngs, activation, param
+
+DOWN_TYPES = ("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D")
+UP_TYPES = ("ResnetUpsampleBlock2D", "SimpleCrossAttnUpBlock2D")
+# Large negative bias diffusers adds for padded text tokens (not -inf, so a
+# fully padded row still softmaxes to something finite, exactly as in PyTorch).
+_MASK_BIAS = -10000.0
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+  """The subset of diffusers' UNet2DConditionModel config that IF-style UNets use."""
+
+  in_channels: int = 3
+  out_channels: int = 6
+  sample_size: int = 64
+  block_out_channels: tuple[int, ...] = (32, 64)
+  down_block_types: tuple[str, ...] = ("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D")
+  up_block_types: tuple[str, ...] = ("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D")
+  layers_per_block: tuple[int, ...] = (1, 1)
+  attention_head_dim: tuple[int, ...] = (8, 8)
+  only_cross_attention: tuple[bool, ...] = (False, False)
+  mid_block_only_cross_attention: bool = False
+  cross_attention_dim: int = 32
+  encoder_hid_dim: int | None = None
+  addition_embed_type: str | None = "text"
+  addition_embed_type_num_heads: int = 64
+  class_embed_type: str | None = None
+  act_fn: str = "gelu"
+  norm_num_groups: int = 32
+  norm_eps: float = 1e-5
+  resnet_time_scale_shift: str = "scale_shift"
+  resnet_skip_time_act: bool = False
+  resnet_out_scale_factor: float = 1.0
+  mid_block_scale_factor: float = 1.0
+  cross_attention_norm: str | None = "group_norm"
+  time_embedding_dim: int | None = None
+  time_embedding_act_fn: str | None = None
+  flip_sin_to_cos: bool = True
+  freq_shift: float = 0.0
+  conv_in_kernel: int = 3
+  conv_out_kernel: int = 3
+
+  @property
+  def time_embed_dim(self) -> int:
+    return self.time_embedding_dim or self.block_out_channels[0] * 4
+
+  @classmethod
+  def from_diffusers(cls, d: dict[str, Any], source: str = "config") -> "UNetConfig":
+    """Builds the config from a diffusers config.json dict, refusing what we do not implement."""
+    n = len(d.get("down_block_types", ()))
+    unsupported = {
+        "mid_block_type": ("UNetMidBlock2DSimpleCrossAttn",), "time_embedding_type": ("positional",),
+        "encoder_hid_dim_type": (None, "text_proj"), "addition_embed_type": (None, "text"),
+        "class_embed_type": (None, "timestep"), "resnet_time_scale_shift": ("default", "scale_shift"),
+        "cross_attention_norm": (None, "group_norm"), "time_cond_proj_dim": (None,),
+        "timestep_post_act": (None,), "class_embeddings_concat": (False,), "num_class_embeds": (None,),
+        "center_input_sample": (False,), "dual_cross_attention": (False,),
+    }
+    for key, ok in unsupported.items():
+      if key in d and d[key] not in ok:
+        raise ValueError(f"{source}: {key}={d[key]!r} is not supported by dreambooth_jax's UNet "
+                         f"(supported: {list(ok)}); it implements the DeepFloyd IF architecture.")
+    for key in ("down_block_types", "up_block_types"):
+      allowed = DOWN_TYPES if key.startswith("down") else UP_TYPES
+      bad = [t for t in d.get(key, ()) if t not in allowed]
+      if bad:
+        raise ValueError(f"{source}: {key} contains {bad}; supported block types are {allowed}.")
+    missing = [k for k in ("block_out_channels", "down_block_types", "up_block_types",
+                           "layers_per_block", "cross_attention_dim") if d.get(k) is None]
+    if missing:
+      raise ValueError(f"{source}: required keys {missing} are missing or null.")
+
+    def per_block(value, default):
+      value = default if value is None else value
+      return tuple(value) if isinstance(value, (list, tuple)) else (value,) * n
+
+    heads = d.get("attention_head_dim", 8)
+    only_cross = d.get("only_cross_attention", False)
+    mid_only = d.get("mid_block_only_cross_attention")
+    if mid_only is None:
+      mid_only = only_cross if isinstance(only_cross, bool) else False
+    encoder_hid_dim = d.get("encoder_hid_dim")
+    return cls(
+        in_channels=d.get("in_channels", 4), out_channels=d.get("out_channels", 4),
+        sample_size=d.get("sample_size") or 64,
+        block_out_channels=tuple(d["block_out_channels"]),
+        down_block_types=tuple(d["down_block_types"]), up_block_types=tuple(d["up_block_types"]),
+        layers_per_block=per_block(d["layers_per_block"], 2),
+        attention_head_dim=tuple(h if h is not None else c for h, c in
+                                 zip(per_block(heads, 8), d["block_out_channels"])),
+        only_cross_attention=per_block(only_cross, False),
+        mid_block_only_cross_attention=bool(mid_only),
+        cross_attention_dim=d["cross_attention_dim"],
+        encoder_hid_dim=encoder_hid_dim,
+        addition_embed_type=d.get("addition_embed_type"),
+        addition_embed_type_num_heads=d.get("addition_embed_type_num_heads") or 64,
+        class_embed_type=d.get("class_embed_type"),
+        act_fn=d.get("act_fn", "silu"), norm_num_groups=d.get("norm_num_groups", 32),
+        norm_eps=d.get("norm_eps", 1e-5),
+        resnet_time_scale_shift=d.get("resnet_time_scale_shift", "default"),
+        resnet_skip_time_act=d.get("resnet_skip_time_act", False),
+        resnet_out_scale_factor=d.get("resnet_out_scale_factor", 1.0),
+        mid_block_scale_factor=d.get("mid_block_scale_factor", 1.0),
+        cross_attention_norm=d.get("cross_attention_norm"),
+        time_embedding_dim=d.get("time_embedding_dim"),
+        time_embedding_act_fn=d.get("time_embedding_act_fn"),
+        flip_sin_to_cos=d.get("flip_sin_to_cos", True), freq_shift=d.get("freq_shift", 0),
+        conv_in_kernel=d.get("conv_in_kernel", 3), conv_out_kernel=d.get("conv_out_kernel", 3),
+    )
+
+  def to_diffusers(self) -> dict[str, Any]:
+    """A config.json dict that `UNet2DConditionModel.from_config` rebuilds identically."""
+    d = dataclasses.asdict(self)
+    for k, v in d.items():
+      if isinstance(v, tuple):
+        d[k] = list(v)
+    d.update(_class_name="UNet2DConditionModel", mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+             encoder_hid_dim_type="text_proj" if self.encoder_hid_dim else None,
+             time_embedding_type="positional", upcast_attention=False, use_linear_projection=False)
+    return d
+
+
+def timestep_embedding(t, dim: int, flip_sin_to_cos: bool, freq_shift: float, max_period=10000):
+  """diffusers' `get_timestep_embedding`, float32, for fractional timesteps too."""
+  half = dim // 2
+  exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+  emb = t.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+  emb = jnp.concatenate([jnp.sin(emb), jnp.cos(emb)], axis=-1)
+  if flip_sin_to_cos:
+    emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+class TimestepEmbedding(nnx.Module):
+  def __init__(self, in_dim: int, dim: int, act: str, **kw):
+    self.linear_1 = Dense(in_dim, dim, axes=("embed", "mlp"), **kw)
+    self.linear_2 = Dense(dim, dim, axes=("mlp", "embed"), **kw)
+    self.act = activation(act)
+
+  def __call__(self, x):
+    return self.linear_2(self.act(self.linear_1(x)))
+
+
+class AttentionPooling(nnx.Module):
+  """IF's attention pooling of T5 tokens: a mean-token query over [mean; tokens].
+
+  Like the original it ignores the padding mask: IF was trained that way.
+  """
+
+  def __init__(self, num_heads: int, dim: int, *, rngs=None, dtype=None, param_dtype=jnp.float32):
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.num_heads = num_heads
+    self.positional_embedding = param(rngs, nnx.initializers.normal(dim ** -0.5), (1, dim),
+                                      param_dtype, (None, "embed"))
+    self.k_proj = Dense(dim, dim, axes=("embed", "heads"), **kw)
+    self.q_proj = Dense(dim, dim, axes=("embed", "heads"), **kw)
+    self.v_proj = Dense(dim, dim, axes=("embed", "heads"), **kw)
+
+  def __call__(self, x):
+    b, _, width = x.shape
+    d = width // self.num_heads
+    cls = x.mean(axis=1, keepdims=True) + self.positional_embedding[...].astype(x.dtype)
+    x = jnp.concatenate([cls, x], axis=1)
+    heads = lambda y: y.reshape(b, -1, self.num_heads, d)
+    q, k, v = heads(self.q_proj(cls)), heads(self.k_proj(x)), heads(self.v_proj(x))
+    scale = 1 / math.sqrt(math.sqrt(d))  # split between q and k, as IF does for fp16 range
+    w = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k * scale)
+    w = jax.nn.softmax(w.astype(jnp.float32), axis=-1).astype(w.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", w, v).reshape(b, width)
+
+
+class TextTimeEmbedding(nnx.Module):
+  def __init__(self, text_dim: int, time_dim: int, num_heads: int, **kw):
+    self.norm1 = LayerNorm(text_dim, **kw)
+    self.pool = AttentionPooling(num_heads, text_dim, **kw)
+    self.proj = Dense(text_dim, time_dim, axes=("embed", "mlp"), **kw)
+    self.norm2 = LayerNorm(time_dim, **kw)
+
+  def __call__(self, text):
+    return self.norm2(self.proj(self.pool(self.norm1(text))))
+
+
+class ResnetBlock(nnx.Module):
+  """diffusers' ResnetBlock2D (pre-norm), optionally resampling (`up`/`down`)."""
+
+  def __init__(self, cin: int, cout: int, temb: int, cfg: UNetConfig, *, scale: float,
+               up: bool = False, down: bool = False, **kw):
+    groups, eps = cfg.norm_num_groups, cfg.norm_eps
+    self.up, self.down, self.scale = up, down, scale
+    self.scale_shift = cfg.resnet_time_scale_shift == "scale_shift"
+    self.skip_time_act = cfg.resnet_skip_time_act
+    self.act = activation(cfg.act_fn)
+    self.norm1 = GroupNorm(groups, cin, eps=eps, **kw)
+    self.conv1 = Conv(cin, cout, 3, **kw)
+    self.time_emb_proj = Dense(temb, cout * (2 if self.scale_shift else 1), axes=("embed", "mlp"), **kw)
+    self.norm2 = GroupNorm(groups, cout, eps=eps, **kw)
+    self.conv2 = Conv(cout, cout, 3, **kw)
+    self.conv_shortcut = Conv(cin, cout, 1, **kw) if cin != cout else None
+
+  def _resample(self, x):
+    if self.up:
+      return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    if self.down:
+      b, h, w, c = x.shape
+      return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+    return x
+
+  def __call__(self, x, temb):
+    h = self.act(self.norm1(x))
+    x, h = self._resample(x), self._resample(h)
+    h = self.conv1(h)
+    t = self.time_emb_proj(temb if self.skip_time_act else self.act(temb))[:, None, None, :]
+    if self.scale_shift:
+      t_scale, t_shift = jnp.split(t, 2, axis=-1)
+      h = self.norm2(h) * (1 + t_scale) + t_shift
+    else:
+      h = self.norm2(h + t)
+    h = self.conv2(self.act(h))
+    if self.conv_shortcut is not None:
+      x = self.conv_shortcut(x)
+    return (x + h) / self.scale if self.scale != 1 else x + h
+
+
+class AddedKVAttention(nnx.Module):
+  """diffusers' Attention + AttnAddedKVProcessor: self-attention over pixels whose
+  keys/values are prefixed by the projected text tokens (Imagen's text conditioning)."""
+
+  def __init__(self, dim: int, head_dim: int, text_dim: int, cfg: UNetConfig, *,
+               only_cross: bool, **kw):
+    self.heads, self.head_dim, self.only_cross = dim // head_dim, head_dim, only_cross
+    self.group_norm = GroupNorm(cfg.norm_num_groups, dim, eps=1e-5, **kw)
+    self.norm_cross = (GroupNorm(32, text_dim, eps=1e-5, **kw)
+                       if cfg.cross_attention_norm == "group_norm" else None)
+    inner = self.heads * head_dim
+    self.to_q = Dense(dim, inner, axes=("embed", "heads"), **kw)
+    self.to_k = None if only_cross else Dense(dim, inner, axes=("embed", "heads"), **kw)
+    self.to_v = None if only_cross else Dense(dim, inner, axes=("embed", "heads"), **kw)
+    self.add_k_proj = Dense(text_dim, inner, axes=("embed", "heads"), **kw)
+    self.add_v_proj = Dense(text_dim, inner, axes=("embed", "heads"), **kw)
+    self.to_out = nnx.List([Dense(inner, dim, axes=("heads", "embed"), **kw)])
+
+  def __call__(self, x, text, text_bias):
+    b, hgt, wid, c = x.shape
+    residual = x
+    h = self.group_norm(x.reshape(b, hgt * wid, c))
+    if self.norm_cross is not None:
+      text = self.norm_cross(text)
+    split = lambda y: y.reshape(b, -1, self.heads, self.head_dim)
+    q = split(self.to_q(h))
+    k, v = split(self.add_k_proj(text)), split(self.add_v_proj(text))
+    bias = text_bias  # [B, L] additive, or None
+    if not self.only_cross:
+      k = jnp.concatenate([k, split(self.to_k(h))], axis=1)
+      v = jnp.concatenate([v, split(self.to_v(h))], axis=1)
+      if bias is not None:
+        bias = jnp.pad(bias, ((0, 0), (0, hgt * wid)))
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(self.head_dim)
+    if bias is not None:
+      s = s + bias[:, None, None, :]
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    o = jnp.einsum("bhqk,bkhd->bqhd", p, v).reshape(b, hgt * wid, -1)
+    return self.to_out[0](o).reshape(b, hgt, wid, c) + residual
+
+
+def _remat(fn, enabled: bool):
+  return nnx.remat(fn) if enabled else fn
+
+
+class DownBlock(nnx.Module):
+  def __init__(self, kind: str, cin: int, cout: int, idx: int, cfg: UNetConfig, *, last: bool, **kw):
+    temb, s = cfg.time_embed_dim, cfg.resnet_out_scale_factor
+    self.resnets = nnx.List([ResnetBlock(cin if i == 0 else cout, cout, temb, cfg, scale=s, **kw)
+                             for i in range(cfg.layers_per_block[idx])])
+    if kind == "SimpleCrossAttnDownBlock2D":
+      self.attentions = nnx.List([
+          AddedKVAttention(cout, cfg.attention_head_dim[idx], cfg.cross_attention_dim, cfg,
+                           only_cross=cfg.only_cross_attention[idx], **kw)
+          for _ in range(cfg.layers_per_block[idx])])
+    else:
+      self.attentions = None
+    self.downsamplers = (None if last else
+                         nnx.List([ResnetBlock(cout, cout, temb, cfg, scale=s, down=True, **kw)]))
+
+  def __call__(self, x, temb, text, bias, remat=False):
+    skips = []
+    for i, resnet in enumerate(self.resnets):
+      x = _remat(lambda m, *a: m(*a), remat)(resnet, x, temb)
+      if self.attentions is not None:
+        x = _remat(lambda m, *a: m(*a), remat)(self.attentions[i], x, text, bias)
+      skips.append(x)
+    if self.downsamplers is not None:
+      x = _remat(lambda m, *a: m(*a), remat)(self.downsamplers[0], x, temb)
+      skips.append(x)
+    return x, skips
+
+
+class UpBlock(nnx.Module):
+  def __init__(self, kind: str, cin: int, cout: int, cprev: int, idx: int, cfg: UNetConfig, *,
+               last: bool, **kw):
+    temb, s = cfg.time_embed_dim, cfg.resnet_out_scale_factor
+    rev = len(cfg.block_out_channels) - 1 - idx  # per-block lists are given in down order
+    n = cfg.layers_per_block[rev] + 1
+    self.resnets = nnx.List([
+        ResnetBlock((cprev if i == 0 else cout) + (cin if i == n - 1 else cout), cout, temb, cfg,
+                    scale=s, **kw) for i in range(n)])
+    if kind == "SimpleCrossAttnUpBlock2D":
+      self.attentions = nnx.List([
+          AddedKVAttention(cout, cfg.attention_head_dim[rev], cfg.cross_attention_dim, cfg,
+                           only_cross=cfg.only_cross_attention[rev], **kw) for _ in range(n)])
+    else:
+      self.attentions = None
+    self.upsamplers = (None if last else
+                       nnx.List([ResnetBlock(cout, cout, temb, cfg, scale=s, up=True, **kw)]))
+
+  def __call__(self, x, skips, temb, text, bias, remat=False):
+    for i, resnet in enumerate(self.resnets):
+      x = jnp.concatenate([x, skips.pop()], axis=-1)
+      x = _remat(lambda m, *a: m(*a), remat)(resnet, x, temb)
+      if self.attentions is not None:
+        x = _remat(lambda m, *a: m(*a), remat)(self.attentions[i], x, text, bias)
+    if self.upsamplers is not None:
+      x = _remat(lambda m, *a: m(*a), remat)(self.upsamplers[0], x, temb)
+    return x
+
+
+class MidBlock(nnx.Module):
+  def __init__(self, c: int, cfg: UNetConfig, **kw):
+    temb, s = cfg.time_embed_dim, cfg.mid_block_scale_factor
+    self.resnets = nnx.List([ResnetBlock(c, c, temb, cfg, scale=s, **kw) for _ in range(2)])
+    self.attentions = nnx.List([
+        AddedKVAttention(c, cfg.attention_head_dim[-1], cfg.cross_attention_dim, cfg,
+                         only_cross=cfg.mid_block_only_cross_attention, **kw)])
+
+  def __call__(self, x, temb, text, bias, remat=False):
+    x = _remat(lambda m, *a: m(*a), remat)(self.resnets[0], x, temb)
+    x = _remat(lambda m, *a: m(*a), remat)(self.attentions[0], x, text, bias)
+    return _remat(lambda m, *a: m(*a), remat)(self.resnets[1], x, temb)
+
+
+class UNet(nnx.Module):
+  """`unet(sample_nhwc, timesteps, encoder_hidden_states, attention_mask=None, class_labels=None)`.
+
+  `timesteps` and `class_labels` may be fractional (continuous augmentation
+  levels); `attention_mask` is the [B, L] text mask (1 = token, 0 = padding).
+  """
+
+  def __init__(self, cfg: UNetConfig, *, rngs: Rngs = None, dtype=None,
+               param_dtype=jnp.float32, remat: bool = False):
+    if not len(cfg.up_block_types) == len(cfg.down_block_types) == len(cfg.block_out_channels):
+      raise ValueError("down_block_types, up_block_types and block_out_channels differ in length")
+    self.cfg, self.dtype, self.remat = cfg, dtype, remat
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    ch = cfg.block_out_channels
+    self.conv_in = Conv(cfg.in_channels, ch[0], cfg.conv_in_kernel, **kw)
+    self.time_embedding = TimestepEmbedding(ch[0], cfg.time_embed_dim, cfg.act_fn, **kw)
+    self.encoder_hid_proj = (Dense(cfg.encoder_hid_dim, cfg.cross_attention_dim, axes=("embed", "mlp"), **kw)
+                             if cfg.encoder_hid_dim else None)
+    self.class_embedding = (TimestepEmbedding(ch[0], cfg.time_embed_dim, cfg.act_fn, **kw)
+                            if cfg.class_embed_type == "timestep" else None)
+    self.add_embedding = (TextTimeEmbedding(cfg.encoder_hid_dim or cfg.cross_attention_dim,
+                                            cfg.time_embed_dim, cfg.addition_embed_type_num_heads, **kw)
+                          if cfg.addition_embed_type == "text" else None)
+    n = len(ch)
+    self.down_blocks = nnx.List([
+        DownBlock(kind, ch[max(i - 1, 0)], ch[i], i, cfg, last=i == n - 1, **kw)
+        for i, kind in enumerate(cfg.down_block_types)])
+    self.mid_block = MidBlock(ch[-1], cfg, **kw)
+    rch = ch[::-1]
+    self.up_blocks = nnx.List([
+        UpBlock(kind, rch[min(i + 1, n - 1)], rch[i], rch[max(i - 1, 0)], i, cfg, last=i == n - 1, **kw)
+        for i, kind in enumerate(cfg.up_block_types)])
+    self.conv_norm_out = GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps, **kw)
+    self.conv_out = Conv(ch[0], cfg.out_channels, cfg.conv_out_kernel, **kw)
+
+  def __call__(self, sample, timesteps, encoder_hidden_states, attention_mask=None, class_labels=None):
+    cfg = self.cfg
+    dtype = self.dtype or sample.dtype
+    b = sample.shape[0]
+    factor = 2 ** (len(cfg.block_out_channels) - 1)
+    if sample.shape[1] % factor or sample.shape[2] % factor:
+      raise ValueError(f"sample of spatial size {sample.shape[1:3]} must be divisible by {factor}")
+    ch0 = cfg.block_out_channels[0]
+    t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), (b,))
+    temb = self.time_embedding(
+        timestep_embedding(t, ch0, cfg.flip_sin_to_cos, cfg.freq_shift).astype(dtype))
+    if self.class_embedding is not None:
+      if class_labels is None:
+        raise ValueError("this UNet has class_embed_type='timestep' (an SR stage): pass class_labels, "
+                         "the noise augmentation level on the 0..1000 scale")
+      c = jnp.broadcast_to(jnp.asarray(class_labels, jnp.float32), (b,))
+      temb = temb + self.class_embedding(
+          timestep_embedding(c, ch0, cfg.flip_sin_to_cos, cfg.freq_shift).astype(dtype))
+    text = encoder_hidden_states.astype(dtype)
+    if self.add_embedding is not None:
+      temb = temb + self.add_embedding(text)
+    if cfg.time_embedding_act_fn:
+      temb = activation(cfg.time_embedding_act_fn)(temb)
+    if self.encoder_hid_proj is not None:
+      text = self.encoder_hid_proj(text)
+    bias = None
+    if attention_mask is not None:
+      bias = (1.0 - attention_mask.astype(jnp.float32)) * _MASK_BIAS
+
+    x = self.conv_in(sample.astype(dtype))
+    skips = [x]
+    for block in self.down_blocks:
+      x, s = block(x, temb, text, bias, remat=self.remat)
+      skips += s
+    x = self.mid_block(x, temb, text, bias, remat=self.remat)
+    for block in self.up_blocks:
+      n = len(block.resnets)
+      x = block(x, skips[-n:], temb, text, bias, remat=self.remat)
+      skips = skips[:-n]
+    x = activation(cfg.act_fn)(self.conv_norm_out(x))
+    return self.conv_out(x)
+
+
+def param_count(model_or_state) -> int:
+  state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state, nnx.Param)
+  return sum(math.prod(v.shape) for v in jax.tree.leaves(state))
+
+
+def abstract_unet(cfg: UNetConfig, **kw) -> UNet:
+  """The UNet with ShapeDtypeStruct params: free to build at any size."""
+  return nnx.eval_shape(lambda: UNet(cfg, rngs=KeyGen(0), **kw))
+
+
+def init_unet(cfg: UNetConfig, seed: int = 0, **kw) -> UNet:
+  return UNet(cfg, rngs=KeyGen(seed), **kw)

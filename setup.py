@@ -1,0 +1,43 @@
+"""dreambooth_jax: DreamBooth for Imagen-style cascaded diffusion models in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="dreambooth_jax",
+    version="0.1.0",
+    description=("Subject-driven fine-tuning (DreamBooth, textual inversion, two-stage) of "
+                 "Imagen-style cascaded diffusion models (DeepFloyd IF, T5) in JAX/Flax."),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["dreambooth_jax", "dreambooth_jax.*"]),
+    package_data={"dreambooth_jax": ["assets/**/*"]},
+    include_package_data=True,
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "ml-collections>=1.1.0",
+        "absl-py",
+        "numpy",
+        "ml_dtypes",
+        "pillow",
+        "sentencepiece>=0.2.0",
+        "safetensors",
+        "tqdm",
+        "tensorboardX",
+    ],
+    extras_require={
+        # The PyTorch references our parity tests compare against. The runtime
+        # never imports them.
+        "test": [
+            "pytest",
+            "torch==2.13.0",
+            "diffusers>=0.42",
+            "transformers>=5.0",
+            "protobuf",
+        ],
+    },
+)

@@ -1,0 +1,46 @@
+"""Shared test setup: 8 fake CPU devices, float32 matmuls, session-scoped fixtures."""
+
+import os
+
+# Must be set before jax is imported anywhere: sharding tests use 8 fake devices.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+# Parity tests compare against PyTorch float32; XLA's default CPU matmul precision is
+# already float32, but make it explicit so a changed default cannot loosen the tests.
+jax.config.update("jax_default_matmul_precision", "highest")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _shared_dir(env_var: str, sibling: str, what: str) -> pathlib.Path:
+  """A directory of ../shared: from `env_var`, else beside the repo, else skip.
+
+  Under CI=true a missing directory fails instead: CI always has ../shared.
+  """
+  value = os.environ.get(env_var)
+  path = pathlib.Path(value) if value else REPO.parent / "shared" / sibling
+  if path.is_dir():
+    return path
+  msg = f"{what} not found (set {env_var} to its folder; looked at {path})"
+  if os.environ.get("CI", "").lower() == "true":
+    pytest.fail(msg)
+  pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def reference_configs_dir() -> pathlib.Path:
+  """Full-size model configs (IF-I-XL, IF-II-L, T5 v1.1 XXL, CLIP, DINO)."""
+  return _shared_dir("DREAMBOOTH_REFERENCE_CONFIGS", "reference_configs", "reference configs")
+
+
+@pytest.fixture(scope="session")
+def dataset_dir() -> pathlib.Path:
+  """The DreamBooth benchmark (30 subjects)."""
+  return _shared_dir("DREAMBOOTH_DATASET", "dreambooth_dataset", "DreamBooth dataset")
