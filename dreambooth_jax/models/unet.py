@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -287,12 +287,23 @@ class AddedKVAttention(nnx.Module):
       v = jnp.concatenate([v, split(self.to_v(h))], axis=1)
       if bias is not None:
         bias = jnp.pad(bias, ((0, 0), (0, hgt * wid)))
-    s = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(self.head_dim)
-    if bias is not None:
-      s = s + bias[:, None, None, :]
-    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    o = jnp.einsum("bhqk,bkhd->bqhd", p, v).reshape(b, hgt * wid, -1)
-    return self.to_out[0](o).reshape(b, hgt, wid, c) + residual
+    return self.to_out[0](dot_attention(q, k, v, bias)).reshape(b, hgt, wid, c) + residual
+
+
+def dot_attention(q, k, v, bias=None):
+  """softmax(q k^T / sqrt(d) + bias) v for [B, L, H, D] inputs, softmax in float32.
+
+  Written as batched matmuls in heads-major layout rather than one einsum:
+  XLA:CPU's YNNPACK fusion of the einsum form ran 7x slower (43 vs 6 ms for
+  IF's 16x16 attention at batch 16), and on TPU both lower to the same MXU ops.
+  """
+  qh, kh, vh = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))
+  s = jnp.matmul(qh, jnp.swapaxes(kh, -1, -2)).astype(jnp.float32) / math.sqrt(q.shape[-1])
+  if bias is not None:
+    s = s + bias[:, None, None, :]
+  p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+  o = jnp.swapaxes(jnp.matmul(p, vh), 1, 2)
+  return o.reshape(o.shape[0], o.shape[1], -1)
 
 
 def _remat(fn, enabled: bool):

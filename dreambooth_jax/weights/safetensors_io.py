@@ -41,8 +41,12 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
     try:
       with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
+        if n > os.fstat(f.fileno()).st_size - 8:  # garbage length: do not try to read it
+          raise ValueError(f"header length {n} exceeds the file size")
         header = json.loads(f.read(n))
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+      if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    except (OSError, ValueError, struct.error, UnicodeDecodeError) as e:
       raise WeightsError(f"{path}: not a readable safetensors file ({e}). Re-download it.") from e
     self.metadata = header.pop("__metadata__", None) or {}
     self._header = header

@@ -12,7 +12,6 @@ import json
 import os
 
 import jax.numpy as jnp
-import numpy as np
 
 from dreambooth_jax.models.unet import UNet, UNetConfig, abstract_unet
 from dreambooth_jax.weights import safetensors_io, torch_layout
