@@ -44,3 +44,10 @@ def reference_configs_dir() -> pathlib.Path:
 def dataset_dir() -> pathlib.Path:
   """The DreamBooth benchmark (30 subjects)."""
   return _shared_dir("DREAMBOOTH_DATASET", "dreambooth_dataset", "DreamBooth dataset")
+
+
+@pytest.fixture(scope="session")
+def spiece_dir(tmp_path_factory) -> str:
+  """A trained ~800-piece unigram spiece.model with T5's special ids (text_helpers.train_spiece)."""
+  from text_helpers import train_spiece
+  return train_spiece(tmp_path_factory.mktemp("spiece"))

@@ -1,8 +1,9 @@
 """T5 tokenizer: id-for-id parity with transformers' T5Tokenizer.from_pretrained(dir).
 
 A small unigram SentencePiece model with T5's special ids (pad 0, eos 1, unk 2,
-no bos) is trained on a generated corpus; transformers 5 converts that same
-spiece.model to a `tokenizers` Unigram model, which is what IF users run.
+no bos) is trained on a generated corpus (the session fixture `spiece_dir` of
+conftest.py); transformers 5 converts that same spiece.model to a `tokenizers`
+Unigram model, which is what IF users run.
 """
 
 import random
@@ -11,12 +12,7 @@ import numpy as np
 import pytest
 
 from dreambooth_jax.text import IF_MAX_LENGTH, Tokenizer
-
-WORDS = ("a the dog cat photo of sks on in with red blue green beach mountain city at night "
-         "sitting standing running jumping backpack toy car painting style van gogh rare teapot "
-         "bowl sunglasses wearing hat snow grass table floor near river forest colorful cute small "
-         "large old new shiny wooden metal plastic").split()
-SYLLABLES = "ka ri to mo ne sa lu vi pe do ga zu fi ho ji wa ye qu ex or an st th ch sh".split()
+from text_helpers import WORDS
 
 PROMPTS = [
     "a sks dog",
@@ -34,34 +30,6 @@ PROMPTS = [
     "dog<extra_id_0>cat <extra_id_100> <extra_id_05> <PAD> <s>",
     "UPPER lower MiXeD",
 ]
-
-
-@pytest.fixture(scope="module")
-def spiece_dir(tmp_path_factory):
-  """A trained ~800-piece unigram spiece.model with T5's special ids."""
-  import sentencepiece as spm
-
-  rng = random.Random(0)
-  words = WORDS + ["".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 4))) for _ in range(600)]
-  lines = []
-  for _ in range(4000):
-    line = " ".join(rng.choice(words) for _ in range(rng.randint(3, 15)))
-    if rng.random() < 0.3:
-      line = line.capitalize() + rng.choice(".!?,;")
-    if rng.random() < 0.1:
-      line += f" {rng.randint(0, 1000)}"
-    lines.append(line)
-  lines += ["café naïve résumé", "Ünïcödé ß æ ø",
-            "12345 67890 - _ ( ) [ ] { } : ' \" / \\ @ # $ % ^ & * + ="]
-  folder = tmp_path_factory.mktemp("spiece")
-  corpus = folder / "corpus.txt"
-  corpus.write_text("\n".join(lines), encoding="utf-8")
-  spm.SentencePieceTrainer.train(
-      input=str(corpus), model_prefix=str(folder / "spiece"), vocab_size=800, model_type="unigram",
-      pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, minloglevel=2)
-  corpus.unlink()
-  (folder / "spiece.vocab").unlink()
-  return str(folder)
 
 
 @pytest.fixture(scope="module")
