@@ -205,3 +205,18 @@ def test_full_size_sharding_golden(reference_configs_dir):
     GOLDEN.write_text("{\n" + lines + "\n}\n")
   want = json.loads(GOLDEN.read_text())
   assert got == want, "partition specs changed; if intended, rerun with UPDATE_GOLDEN=1"
+
+
+def test_query_chunked_attention_matches_plain():
+  """The CPU path that chunks long query sequences gives the plain softmax attention."""
+  rs = np.random.RandomState(0)
+  q = rs.randn(2, 1024, 2, 8).astype(np.float32)
+  k = rs.randn(2, 1031, 2, 8).astype(np.float32)
+  v = rs.randn(2, 1031, 2, 8).astype(np.float32)
+  bias = np.where(np.arange(1031) < 4, -10000.0, 0.0).astype(np.float32)[None].repeat(2, 0)
+  assert unet_lib._query_chunk(1024, 1031) == 32  # this size takes the chunked path on CPU
+  got = np.asarray(jax.jit(unet_lib.dot_attention)(q, k, v, bias))
+  s = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(8) + bias[:, None, None, :]
+  p = np.exp(s - s.max(-1, keepdims=True))
+  want = np.einsum("bhqk,bkhd->bqhd", p / p.sum(-1, keepdims=True), v).reshape(2, 1024, 16)
+  np.testing.assert_allclose(got, want, atol=1e-5)

@@ -293,17 +293,42 @@ class AddedKVAttention(nnx.Module):
 def dot_attention(q, k, v, bias=None):
   """softmax(q k^T / sqrt(d) + bias) v for [B, L, H, D] inputs, softmax in float32.
 
-  Written as batched matmuls in heads-major layout rather than one einsum:
-  XLA:CPU's YNNPACK fusion of the einsum form ran 7x slower (43 vs 6 ms for
-  IF's 16x16 attention at batch 16), and on TPU both lower to the same MXU ops.
+  Batched matmuls in heads-major layout: XLA:CPU's YNNPACK fusion of the
+  einsum form ran 7x slower (43 vs 6 ms for IF's 16x16 attention, batch 16).
+  On CPU, long sequences are processed in query chunks (a `lax.map`) so each
+  chunk's [B, H, c, K] score block stays in cache instead of streaming a
+  [B, H, Q, K] matrix through memory three times: 3x faster at 32x32 tokens.
+  Batch and heads stay vectorised, so a batch-sharded call needs no gathers.
+  On TPU/GPU XLA fuses the plain form well and it is used as is.
   """
-  qh, kh, vh = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))
-  s = jnp.matmul(qh, jnp.swapaxes(kh, -1, -2)).astype(jnp.float32) / math.sqrt(q.shape[-1])
-  if bias is not None:
-    s = s + bias[:, None, None, :]
-  p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-  o = jnp.swapaxes(jnp.matmul(p, vh), 1, 2)
-  return o.reshape(o.shape[0], o.shape[1], -1)
+  b, nq, h, d = q.shape
+  kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+  scale = 1.0 / math.sqrt(d)
+  bias = None if bias is None else bias[:, None, None, :]
+
+  def attend(qh):  # [B, H, c, D] -> [B, H, c, D]
+    s = jnp.matmul(qh, jnp.swapaxes(kh, -1, -2)).astype(jnp.float32) * scale
+    if bias is not None:
+      s = s + bias
+    return jnp.matmul(jax.nn.softmax(s, axis=-1).astype(vh.dtype), vh)
+
+  chunk = _query_chunk(nq, k.shape[1])
+  if chunk is None:
+    o = jnp.swapaxes(attend(jnp.swapaxes(q, 1, 2)), 1, 2)
+  else:
+    qc = q.reshape(b, nq // chunk, chunk, h, d).transpose(1, 0, 3, 2, 4)
+    o = jax.lax.map(attend, qc).transpose(1, 0, 3, 2, 4)
+  return o.reshape(b, nq, h * d)
+
+
+def _query_chunk(nq: int, nk: int, target: int = 1 << 16) -> int | None:
+  """Query-chunk length on CPU (largest power of two with chunk * keys <= target)."""
+  if jax.default_backend() != "cpu" or nq * nk <= target:
+    return None
+  chunk = 1
+  while chunk * 2 * nk <= target and nq % (chunk * 2) == 0:
+    chunk *= 2
+  return chunk if chunk < nq else None
 
 
 def _remat(fn, enabled: bool):
