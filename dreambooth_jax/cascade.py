@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.tree_util import Partial
 
 from dreambooth_jax import diffusion, samplers
@@ -152,7 +153,12 @@ class Stage:
 
 
 def to_uint8(images: Array) -> np.ndarray:
-  """[-1, 1] floats to uint8 exactly as diffusers' IF pipelines do (scale, round)."""
+  """[-1, 1] floats to uint8 exactly as diffusers' IF pipelines do (scale, round).
+
+  A batch sharded over several hosts is gathered first, so every host gets all images.
+  """
+  if isinstance(images, jax.Array) and not images.is_fully_addressable:
+    images = multihost_utils.process_allgather(images, tiled=True)
   x = np.clip(np.asarray(images, np.float32) / 2 + 0.5, 0.0, 1.0)
   return (x * 255).round().astype(np.uint8)
 

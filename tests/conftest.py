@@ -12,6 +12,13 @@ import jax  # noqa: E402
 # already float32, but make it explicit so a changed default cannot loosen the tests.
 jax.config.update("jax_default_matmul_precision", "highest")
 
+# Tests that run whole training jobs compile the same tiny programs in several
+# runs (and subprocesses); a persistent cache turns the repeats into lookups.
+_CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                               os.path.join(os.path.dirname(__file__), "..", ".jax_cache"))
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
