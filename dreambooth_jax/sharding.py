@@ -57,6 +57,9 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int] | None = None,
   if dims.count(-1) > 1:
     raise ValueError(f"mesh: at most one axis may be -1, got {dims}")
   known = math.prod(d for d in dims if d != -1)
+  if -1 not in dims and known < len(devices):
+    # An explicit smaller mesh takes the first devices (a sub-slice, or one CPU in tests).
+    devices = devices[:known]
   if -1 in dims:
     if len(devices) % known:
       raise ValueError(f"mesh {dims}: {len(devices)} devices not divisible by {known}")

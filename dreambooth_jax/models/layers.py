@@ -23,6 +23,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 Axes = tuple[str | None, ...]
@@ -64,6 +65,34 @@ def param(rngs: Rngs, init, shape: Sequence[int], dtype, axes: Axes) -> nnx.Para
   else:
     key = jax.random.key(0)
   return nnx.Param(init(key, tuple(shape), dtype), axes=tuple(axes))
+
+
+def random_init(abstract: nnx.Module, seed: int = 0) -> nnx.Module:
+  """Fills an abstract (`nnx.eval_shape`) model with random values drawn on the host.
+
+  For tiny models and tests: kernels ~ N(0, 1/fan_in) (fan_in = product of all
+  but the output axis), embeddings ~ N(0, 1), other matrices ~ N(0, 1/last
+  dim), biases 0, norm scales 1. Running the modules' own jax initializers
+  instead compiles one XLA program per parameter eagerly (~20 s for two tiny
+  UNets on CPU) or a 10 s unrolled threefry program under jit; pretrained
+  fine-tuning never uses either. Deterministic in `seed` and the param paths.
+  """
+  graphdef, state = nnx.split(abstract)
+  rng = np.random.default_rng(seed)
+  for path, var in nnx.to_flat_state(state):
+    sds, leaf = var.get_value(), str(path[-1])
+    shape, dtype = tuple(sds.shape), sds.dtype
+    if leaf == "bias":
+      value = np.zeros(shape)
+    elif leaf == "scale":
+      value = np.ones(shape)
+    elif leaf == "embedding":
+      value = rng.standard_normal(shape)
+    else:
+      fan_in = int(np.prod(shape[:-1])) if leaf == "kernel" else shape[-1]
+      value = rng.standard_normal(shape) / np.sqrt(max(fan_in, 1))
+    var.set_value(jnp.asarray(value, dtype))
+  return nnx.merge(graphdef, state)
 
 
 def _cast(x, dtype):

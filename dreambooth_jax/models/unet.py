@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dreambooth_jax.models.layers import Conv, Dense, GroupNorm, KeyGen, LayerNorm, Rngs, activation, param
+from dreambooth_jax.models.layers import (Conv, Dense, GroupNorm, KeyGen, LayerNorm, Rngs, activation,
+                                          param, random_init)
 
 DOWN_TYPES = ("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D")
 UP_TYPES = ("ResnetUpsampleBlock2D", "SimpleCrossAttnUpBlock2D")
@@ -495,4 +496,5 @@ def abstract_unet(cfg: UNetConfig, **kw) -> UNet:
 
 
 def init_unet(cfg: UNetConfig, seed: int = 0, **kw) -> UNet:
-  return UNet(cfg, rngs=KeyGen(seed), **kw)
+  """A randomly initialised UNet, deterministic in `seed` (see `layers.random_init`)."""
+  return random_init(abstract_unet(cfg, **kw), seed)
