@@ -1,0 +1,195 @@
+"""From a config to models: the cascade, the tokenizer and a lazily loaded T5.
+
+Two kinds of model come out of one config:
+
+* `model.kind = "tiny"`: randomly initialised tiny UNets and T5 of the real
+  architectures (seeded, so every process and every resume builds the same
+  ones) and the packaged tiny SentencePiece model. Runs on CPU in minutes.
+* `model.kind = "pretrained"`: DeepFloyd IF stage I/II folders and a T5 v1.1
+  folder given in `config.pretrained`; a third 256->1024 stage if given.
+
+Every stage up to the highest tuned one is part of the cascade (frozen stages
+generate the class priors and the low-res inputs of samples), and for samples
+the next stage too when it is available.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from typing import Callable
+
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from dreambooth_jax import cascade as cascade_lib
+from dreambooth_jax import config_lib, embeddings, text
+from dreambooth_jax.models import t5 as t5_lib
+from dreambooth_jax.models.layers import KeyGen, random_init
+from dreambooth_jax.models.unet import UNetConfig, init_unet
+from dreambooth_jax.weights import WeightsError, load_unet
+from dreambooth_jax.weights.t5 import load_t5_encoder
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+PRETRAINED_KEYS = {"base": "stage_1", "sr256": "stage_2", "sr1024": "stage_3"}
+SCHEDULERS = {"base": cascade_lib.IF_STAGE_I_SCHEDULER, "sr256": cascade_lib.IF_STAGE_II_SCHEDULER,
+              "sr1024": cascade_lib.IF_STAGE_II_SCHEDULER}
+
+
+@dataclasses.dataclass
+class Models:
+  cascade: cascade_lib.Cascade
+  tokenizer: text.Tokenizer
+  load_t5: Callable[[], nnx.Module]   # loads (or builds) the encoder only when called
+  text_fingerprint: str                # names what determines a prompt's embedding
+  weights_fingerprint: str             # names the frozen cascade (for the class-prior cache)
+  tuned: tuple[str, ...]               # stages being fine-tuned
+
+
+def _dtype(name: str):
+  try:
+    return jnp.dtype(name)
+  except TypeError as e:
+    raise config_lib.ConfigError(f"unknown dtype {name!r}; use float32 or bfloat16") from e
+
+
+def tiny_unet_config(name: str, config: ml_collections.ConfigDict) -> UNetConfig:
+  """IF-I / IF-II architectures at toy width (every IF feature on)."""
+  t, res = config.tiny, config.cascade[name].resolution
+  if name == "base":
+    ch = t.unet_channels
+    return UNetConfig.from_diffusers(dict(
+        sample_size=res, in_channels=3, out_channels=6, block_out_channels=[ch, 2 * ch],
+        down_block_types=["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"],
+        up_block_types=["SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"],
+        layers_per_block=1, attention_head_dim=16, cross_attention_dim=2 * ch,
+        encoder_hid_dim=t.t5_d_model, addition_embed_type="text", addition_embed_type_num_heads=4,
+        act_fn="gelu", norm_num_groups=8, resnet_time_scale_shift="scale_shift",
+        cross_attention_norm="group_norm"), source=f"tiny {name}")
+  ch = t.sr_channels
+  return UNetConfig.from_diffusers(dict(
+      sample_size=res, in_channels=6, out_channels=6, block_out_channels=[ch, 2 * ch, 4 * ch],
+      down_block_types=["ResnetDownsampleBlock2D", "ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"],
+      up_block_types=["SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D", "ResnetUpsampleBlock2D"],
+      layers_per_block=1, attention_head_dim=16, cross_attention_dim=4 * ch,
+      encoder_hid_dim=t.t5_d_model, addition_embed_type="text", addition_embed_type_num_heads=4,
+      class_embed_type="timestep", time_embedding_dim=8 * ch, time_embedding_act_fn="gelu",
+      act_fn="gelu", norm_num_groups=8, resnet_time_scale_shift="scale_shift",
+      resnet_skip_time_act=True, resnet_out_scale_factor=1.4142271248762552,
+      mid_block_scale_factor=1.4142271248762552, cross_attention_norm="group_norm"),
+      source=f"tiny {name}")
+
+
+def _unet_dir(folder: str) -> str:
+  sub = os.path.join(folder, "unet")
+  return sub if os.path.isfile(os.path.join(sub, "config.json")) else folder
+
+
+def _stage_names(config, tuned: tuple[str, ...]) -> list[str]:
+  order = list(config_lib.STAGES)
+  last = max(order.index(s) for s in tuned)
+  if config.model.kind == "tiny":
+    last = max(last, 1)  # samples always show base and sr256
+    return order[:last + 1]
+  names = []
+  for i, name in enumerate(order):
+    given = bool(config.pretrained[PRETRAINED_KEYS[name]])
+    if i <= last and not given:
+      raise config_lib.ConfigError(
+          f"stage {name!r} is needed (stages={config.stages!r}) but "
+          f"config.pretrained.{PRETRAINED_KEYS[name]} is empty: pass "
+          f"--config.pretrained.{PRETRAINED_KEYS[name]}=/path/to/model")
+    if given and (i <= last or names == order[:i]):
+      names.append(name)
+  return names
+
+
+def check_pretrained_folders(config) -> None:
+  """Fails early, before any data or model work, on folders that are not there."""
+  if config.model.kind != "pretrained":
+    return
+  tuned = config_lib.parse_stages(config.stages)
+  for name in _stage_names(config, tuned):
+    folder = _unet_dir(config.pretrained[PRETRAINED_KEYS[name]])
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+      raise WeightsError(f"config.pretrained.{PRETRAINED_KEYS[name]}={folder!r} has no UNet "
+                         "(config.json + diffusion_pytorch_model.safetensors, or a unet/ folder). "
+                         "Download the DeepFloyd IF model there first.")
+  for key in ("t5", "tokenizer"):
+    if not config.pretrained[key]:
+      raise config_lib.ConfigError(f"config.pretrained.{key} is empty: pass the folder of the "
+                                   "T5 v1.1 XXL encoder / its tokenizer (spiece.model)")
+  if not os.path.isfile(os.path.join(config.pretrained.tokenizer, "spiece.model")):
+    raise WeightsError(f"config.pretrained.tokenizer={config.pretrained.tokenizer!r} has no "
+                       "spiece.model")
+
+
+def build(config: ml_collections.ConfigDict) -> Models:
+  """Builds the cascade (params on host), the tokenizer and the T5 loader."""
+  tuned = config_lib.parse_stages(config.stages)
+  check_pretrained_folders(config)
+  dtype, param_dtype = _dtype(config.model.dtype), _dtype(config.model.param_dtype)
+  tiny = config.model.kind == "tiny"
+  if config.model.kind not in ("tiny", "pretrained"):
+    raise config_lib.ConfigError(f"config.model.kind={config.model.kind!r}: use tiny or pretrained")
+  stages, prints = [], []
+  names = _stage_names(config, tuned)
+  for i, name in enumerate(names):
+    if tiny:
+      unet = init_unet(tiny_unet_config(name, config), seed=config.tiny.seed * 100 + i, dtype=dtype,
+                       param_dtype=param_dtype, remat=config.model.remat)
+      sched = SCHEDULERS[name]
+      prints.append(f"tiny:{name}:{config.tiny.seed}:{tiny_unet_config(name, config)}")
+    else:
+      folder = _unet_dir(config.pretrained[PRETRAINED_KEYS[name]])
+      unet = load_unet(folder, param_dtype, compute_dtype=dtype, remat=config.model.remat)
+      sched = cascade_lib.scheduler_config_for(folder, SCHEDULERS[name])
+      prints.append(_folder_fingerprint(folder))
+    settings = config.cascade[name]
+    stages.append(cascade_lib.Stage(
+        name, unet,
+        cascade_lib.StageSettings(resolution=settings.resolution, guidance_scale=settings.guidance_scale,
+                                  num_steps=settings.num_steps, sampler=settings.sampler,
+                                  sample_aug_level=settings.sample_aug_level,
+                                  train_aug_level=settings.train_aug_level),
+        scheduler_config=sched,
+        lowres_resolution=None if i == 0 else config.cascade[names[i - 1]].resolution))
+  tokenizer = _tokenizer(config)
+  t5_dtype = _dtype(config.model.t5_dtype)
+  if tiny:
+    t5_config = tiny_t5_config(config, tokenizer)
+    load_t5 = lambda: random_init(nnx.eval_shape(lambda: t5_lib.T5EncoderModel(
+        t5_config, dtype=t5_dtype, param_dtype=t5_dtype, rngs=KeyGen(0))), config.tiny.seed + 7)
+    text_print = embeddings.encoder_fingerprint(load_t5(), tokenizer, dtype=str(t5_dtype))
+  else:
+    load_t5 = lambda: load_t5_encoder(config.pretrained.t5, t5_dtype)
+    text_print = embeddings.encoder_fingerprint(config.pretrained.t5, tokenizer, dtype=str(t5_dtype))
+  weights_print = hashlib.sha256("\n".join(prints + [text_print]).encode()).hexdigest()[:32]
+  return Models(cascade_lib.Cascade(stages), tokenizer, load_t5, text_print, weights_print, tuned)
+
+
+def tiny_t5_config(config, tokenizer: text.Tokenizer) -> t5_lib.T5Config:
+  t = config.tiny
+  return t5_lib.T5Config(vocab_size=tokenizer.vocab_size, d_model=t.t5_d_model,
+                         d_kv=t.t5_d_model // t.t5_heads, d_ff=t.t5_d_ff, num_layers=t.t5_layers,
+                         num_heads=t.t5_heads, feed_forward_proj="gated-gelu")
+
+
+def _tokenizer(config) -> text.Tokenizer:
+  if config.model.kind == "tiny":
+    return text.Tokenizer.from_pretrained(config.tiny.tokenizer or os.path.join(ASSETS, "tiny_t5"))
+  return text.Tokenizer.from_pretrained(config.pretrained.tokenizer)
+
+
+def _folder_fingerprint(folder: str) -> str:
+  h = hashlib.sha256()
+  embeddings._hash_weights_folder(h, folder)  # config, headers and sampled bytes
+  return h.hexdigest()
+
+
+def stage_info(models: Models) -> dict:
+  """JSON-able description of the cascade, for logs and the export."""
+  return {s.name: dict(resolution=s.settings.resolution, tuned=s.name in models.tuned,
+                       super_resolution=s.is_sr) for s in models.cascade.stages}

@@ -1,0 +1,155 @@
+"""End to end: train.run on the tiny default, sharded, resumed, exported; CLI error paths."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dreambooth_jax import methods, pipeline, sharding
+from dreambooth_jax import train as train_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from configs import imagen_dog  # noqa: E402
+
+
+def tiny_config(**overrides):
+  config = imagen_dog.get_config("tiny,runlocal")
+  config.mesh.data, config.mesh.fsdp = 2, 4
+  config.train.batch_size = config.train.prior_batch_size = 2
+  config.log.tensorboard = False
+  for key, value in overrides.items():
+    node = config
+    *head, leaf = key.split(".")
+    for h in head:
+      node = node[h]
+    node[leaf] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("full"))
+  state = train_lib.run(tiny_config(), workdir)
+  return workdir, state
+
+
+def test_run_leaves_checkpoint_export_metrics_and_samples(full_run):
+  workdir, state = full_run
+  names = set(os.listdir(workdir))
+  assert {"checkpoints", "export", "metrics.jsonl", "samples", "identifier.json", "config.json",
+          "class_priors", "prompt_embeddings"} <= names, names
+  assert int(state["step"]) == 4
+  rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert rows[-1]["step"] == 4 and all(np.isfinite(r["loss"]) for r in rows)
+  assert {"base/prior_loss", "sr256/instance_loss", "l2_grads"} <= set(rows[-1])
+  info = json.load(open(os.path.join(workdir, "export", "dreambooth.json")))
+  assert info["identifier"] and info["class_noun"] == "dog"
+  for stage in ("base", "sr256"):
+    assert os.path.isfile(os.path.join(workdir, "export", stage, "config.json"))
+  assert any(n.endswith(".png") for n in os.listdir(os.path.join(workdir, "samples")))
+
+
+def test_params_sharded_as_the_rules_say(full_run):
+  _, state = full_run
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+  for stage, params in state["params"].items():
+    want = sharding.param_specs(params, mesh)
+    for (path, var), (_, spec) in zip(nnx.to_flat_state(params), nnx.to_flat_state(want)):
+      got = var.get_value().sharding.spec
+      assert tuple(got) == tuple(spec.get_value()), (stage, path, got, spec.get_value())
+  big = [v.get_value() for _, v in nnx.to_flat_state(state["params"]["base"])
+         if v.get_value().size >= 4096]
+  assert any("fsdp" in jax.tree.leaves(tuple(a.sharding.spec)) for a in big)
+
+
+def test_resume_reaches_the_same_params_bitwise(full_run, tmp_path):
+  workdir, state = full_run
+  config = tiny_config()
+  config.train.steps = 2
+  config.log.sample_every = 0
+  train_lib.run(config, str(tmp_path))
+  config.train.steps = 4
+  resumed = train_lib.run(config, str(tmp_path))
+  for a, b in zip(jax.tree.leaves(resumed["params"]), jax.tree.leaves(state["params"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_prior_term_enters_the_gradient():
+  config = tiny_config()
+  models = pipeline.build(config)
+  stages = {n: models.cascade.by_name[n] for n in models.tuned}
+  params = methods.param_states(stages)
+  rs = np.random.RandomState(0)
+  batch = {n: {"instance": jnp.asarray(rs.uniform(-1, 1, (1, r, r, 3)), jnp.float32),
+               "prior": jnp.asarray(rs.uniform(-1, 1, (1, r, r, 3)), jnp.float32)}
+           for n, r in (("base", 32), ("sr256", 64))}
+  emb = {"text": jnp.asarray(rs.randn(1, 77, 64), jnp.float32), "mask": jnp.ones((1, 77), jnp.int32)}
+  batch["text"] = {"instance": emb, "class": jax.tree.map(lambda x: x * 0.5, emb)}
+  grad = jax.jit(jax.grad(lambda p, w: methods.dreambooth_loss(stages, p, batch, jax.random.key(0), w)[0]))
+  g0, g1 = grad(params, 0.0), grad(params, 1.0)
+  diff = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)))
+  print(f"\nmax |grad(lambda=1) - grad(lambda=0)| = {diff:.3e}")
+  assert diff > 1e-6
+
+
+# -- the CLI on bad input: one paragraph, exit code 2, the workdir untouched ---------------------
+
+
+def _cli(*args, cwd=REPO):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "dreambooth_jax.train", *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_cli_empty_subject_folder(tmp_path):
+  (tmp_path / "empty").mkdir()
+  (tmp_path / "wd").mkdir()
+  (tmp_path / "wd" / "keep.txt").write_text("precious")
+  r = _cli("--config=configs/imagen_dog.py:runlocal", f"--workdir={tmp_path / 'wd'}",
+           f"--config.subject.dir={tmp_path / 'empty'}")
+  print(r.stderr[-2000:])
+  assert r.returncode == 2
+  assert "empty" in r.stderr and "Traceback" not in r.stderr
+  assert sorted(os.listdir(tmp_path / "wd")) == ["keep.txt"]
+
+
+def test_cli_unknown_config_key(tmp_path):
+  r = _cli("--config=configs/imagen_dog.py:runlocal", f"--workdir={tmp_path}", "--config.trian.lr=1")
+  print(r.stderr[-2000:])
+  assert r.returncode != 0 and "trian" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_missing_weights_folder(tmp_path):
+  r = _cli("--config=configs/imagen_dog.py:if,runlocal", f"--workdir={tmp_path}",
+           f"--config.pretrained.stage_1={tmp_path / 'nope'}", f"--config.pretrained.stage_2={tmp_path / 'nope'}",
+           f"--config.pretrained.t5={tmp_path / 'nope'}", f"--config.pretrained.tokenizer={tmp_path / 'nope'}")
+  print(r.stderr[-2000:])
+  assert r.returncode == 2 and "nope" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_two_processes_agree(tmp_path):
+  """Two 'hosts' (processes with 4 CPU devices each, gloo collectives) train 2 steps together."""
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = str(s.getsockname()[1])
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  procs = [subprocess.Popen([sys.executable, str(REPO / "tests" / "multihost_worker.py"), str(i), port,
+                             str(tmp_path / "wd"), str(tmp_path / f"out{i}.json")],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  logs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log[-3000:]
+  a, b = (json.load(open(tmp_path / f"out{i}.json")) for i in range(2))
+  print(f"\nprocess digests: {a['digest'][:16]} {b['digest'][:16]} ({a['devices']} devices, {a['local']} local)")
+  assert a["devices"] == 8 and a["local"] == 4 and a["step"] == b["step"] == 2
+  assert a["digest"] == b["digest"]
