@@ -115,10 +115,12 @@ def _place_state(state, mesh, rules):
               step=replicated, rng=replicated)
 
 
+def _rules(config):
+  return tuple(json.loads(config.sharding_rules)) if config.sharding_rules else sharding.DEFAULT_RULES
+
+
 def _mesh_and_rules(config):
-  mesh = sharding.make_mesh(dict(config.mesh))
-  rules = tuple(json.loads(config.sharding_rules)) if config.sharding_rules else sharding.DEFAULT_RULES
-  return mesh, rules
+  return sharding.make_mesh(dict(config.mesh)), _rules(config)
 
 
 def _abstract_state(config, models, mesh, rules):
@@ -145,8 +147,12 @@ def _with_shardings(abstract, shardings):
 
 
 def restore_params(config, models, workdir: str, step: int | None = None):
-  """The tuned stages' params of a workdir checkpoint: ({stage: State}, step)."""
-  mesh, rules = _mesh_and_rules(config)
+  """The tuned stages' params of a workdir checkpoint: ({stage: State}, step).
+
+  Restored onto this machine's devices (all on fsdp), whatever mesh trained them:
+  orbax reshards, so a TPU-trained workdir samples on a laptop.
+  """
+  mesh, rules = sharding.make_mesh(), _rules(config)
   _, _, abstract, shardings = _abstract_state(config, models, mesh, rules)
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=False)
   step = ckpt.latest_step() if step is None else step
@@ -343,6 +349,8 @@ def parse_flags(argv):
 
 
 def cli(argv):
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO; -v 0 brings it back
   try:
     main(argv)
   except USER_ERRORS as e:

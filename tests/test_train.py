@@ -153,3 +153,21 @@ def test_two_processes_agree(tmp_path):
   print(f"\nprocess digests: {a['digest'][:16]} {b['digest'][:16]} ({a['devices']} devices, {a['local']} local)")
   assert a["devices"] == 8 and a["local"] == 4 and a["step"] == b["step"] == 2
   assert a["digest"] == b["digest"]
+
+
+def test_sample_cli_writes_a_grid_of_every_stage(full_run, tmp_path):
+  workdir, _ = full_run
+  from dreambooth_jax import sample as sample_lib
+  rows = sample_lib.sample(workdir, ["a [V] dog on the beach"], num=2, seed=0)
+  (prompt, images), = rows
+  ident = json.load(open(os.path.join(workdir, "identifier.json")))["text"]
+  assert prompt == f"a {ident} dog on the beach"
+  assert images["base"].shape == (2, 32, 32, 3) and images["sr256"].shape == (2, 64, 64, 3)
+  again = sample_lib.sample(workdir, ["a [V] dog on the beach"], num=2, seed=0)
+  np.testing.assert_array_equal(again[0][1]["sr256"], images["sr256"])
+  r = subprocess.run([sys.executable, "-m", "dreambooth_jax.sample", f"--workdir={workdir}",
+                      "--prompt=a [V] dog on the beach", "--num=1", f"--out={tmp_path / 'grid.png'}"],
+                     cwd=REPO, capture_output=True, text=True, timeout=300,
+                     env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert (tmp_path / "grid.png").stat().st_size > 0
