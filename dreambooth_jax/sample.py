@@ -22,7 +22,7 @@ import numpy as np
 from dreambooth_jax import config_lib, metrics_writer, pipeline, text
 from dreambooth_jax import train as train_lib
 
-flags.DEFINE_string("workdir", None, "A workdir written by dreambooth_jax.train.")
+# --workdir is the training CLI's flag (defined in dreambooth_jax.train, imported above).
 flags.DEFINE_multi_string("prompt", None, "Prompt(s); [V] stands for the identifier.")
 flags.DEFINE_integer("num", 4, "Images per prompt.")
 flags.DEFINE_integer("seed", 0, "Sampling seed (same seed, same images).")

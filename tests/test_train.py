@@ -81,6 +81,14 @@ def test_resume_reaches_the_same_params_bitwise(full_run, tmp_path):
   for a, b in zip(jax.tree.leaves(resumed["params"]), jax.tree.leaves(state["params"])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
+  # A non-finite loss stops the run; the update is not applied, nothing is saved.
+  config.train.steps = 6
+  config.prior.weight = float("nan")
+  with pytest.raises(train_lib.TrainError, match="non-finite loss"):
+    train_lib.run(config, str(tmp_path))
+  from dreambooth_jax import checkpoint
+  assert checkpoint.Checkpointer(str(tmp_path)).latest_step() == 4
+
 
 def test_prior_term_enters_the_gradient():
   config = tiny_config()
@@ -119,6 +127,34 @@ def test_cli_empty_subject_folder(tmp_path):
   assert r.returncode == 2
   assert "empty" in r.stderr and "Traceback" not in r.stderr
   assert sorted(os.listdir(tmp_path / "wd")) == ["keep.txt"]
+
+
+def _bad_folder(tmp_path, case):
+  from PIL import Image
+  folder = tmp_path / case
+  folder.mkdir()
+  good = Image.new("RGB", (300, 300), (200, 120, 40))
+  good.save(folder / "ok.jpg")
+  if case == "truncated":
+    good.save(folder / "cut.jpg")
+    data = (folder / "cut.jpg").read_bytes()
+    (folder / "cut.jpg").write_bytes(data[:len(data) // 2])
+    return folder, "cut.jpg"
+  if case == "not_an_image":
+    (folder / "notes.jpg").write_text("these are my notes, not a photo")
+    return folder, "notes.jpg"
+  Image.new("RGB", (40, 30)).save(folder / "tiny.png")
+  return folder, "tiny.png"
+
+
+@pytest.mark.parametrize("case", ["truncated", "not_an_image", "too_small"])
+def test_cli_bad_subject_file_is_named(tmp_path, case):
+  folder, bad = _bad_folder(tmp_path, case)
+  r = _cli("--config=configs/imagen_dog.py:runlocal", f"--workdir={tmp_path / 'wd'}",
+           f"--config.subject.dir={folder}")
+  print(r.stderr[-1500:])
+  assert r.returncode == 2 and bad in r.stderr and "Traceback" not in r.stderr
+  assert not (tmp_path / "wd" / "checkpoints").exists()
 
 
 def test_cli_unknown_config_key(tmp_path):
