@@ -14,7 +14,7 @@ import os
 import re
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 import jax
 import numpy as np
@@ -65,6 +65,8 @@ def sample(workdir: str, prompts: list[str], *, num: int = 4, seed: int = 0, ste
 def main(argv):
   del argv
   f = flags.FLAGS
+  if not f["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
   try:
     rows = sample(f.workdir, f.prompt, num=f.num, seed=f.seed, step=f.step, upto=f.stages)
   except train_lib.USER_ERRORS as e:
