@@ -14,8 +14,14 @@ XXL first; see the README):
     --config.pretrained.t5=IF-I-XL-v1.0/text_encoder --config.pretrained.tokenizer=IF-I-XL-v1.0/tokenizer
 
 Arguments after ':' (comma-separated): a variant (`tiny` or `if`),
-`stages=base+sr256` (which stages to fine-tune; the others run frozen),
-`steps=N`, `runlocal` (tiny sizes for a smoke run of any variant).
+`method=dreambooth|textual_inversion|ti_then_finetune` (each with its paper's
+schedule), `stages=base+sr256` (which stages to fine-tune, or whose loss
+textual inversion uses; the others run frozen), `steps=N`, `runlocal` (tiny
+sizes for a smoke run of any variant). E.g. the two-stage method of Zeng et al.:
+
+  python -m dreambooth_jax.train --config=configs/imagen_dog.py:method=ti_then_finetune \
+    --workdir=workdirs/dog_two_stage
+
 Any leaf can be overridden with `--config.x.y=value`; unknown keys fail.
 """
 
@@ -31,13 +37,17 @@ def _stage(resolution, guidance, steps, *, sample_aug=0.25, train_aug=1e-5):
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, variant="tiny", stages="base+sr256", steps=-1, runlocal=False)
+  arg = config_lib.parse_arg(arg, variant="tiny", method="dreambooth", stages="base+sr256",
+                             steps=-1, runlocal=False)
   if arg.variant not in ("tiny", "if"):
     raise config_lib.ConfigError(f"variant {arg.variant!r}: use 'tiny' or 'if'")
-  tiny = arg.variant == "tiny"
+  methods = ("dreambooth", "textual_inversion", "ti_then_finetune")
+  if arg.method not in methods:
+    raise config_lib.ConfigError(f"method {arg.method!r}: use one of {', '.join(methods)}")
+  tiny, method = arg.variant == "tiny", arg.method
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.method = "dreambooth"
+  c.method = method
   c.stages = arg.stages  # stages to fine-tune, '+'-joined; the cascade runs every stage
 
   # -- the subject ------------------------------------------------------------
@@ -53,6 +63,20 @@ def get_config(arg=None):
       instance_template="a {identifier} {class_noun}",
       class_template="a {class_noun}",
   )
+  # A new token whose T5 embedding row is learned (textual_inversion, ti_then_finetune).
+  # Textual inversion's token is a noun that starts as the class word ("a photo of
+  # <dog*>"); Zeng et al.'s "<rare>" is an adjective that starts as "rare" ("a photo
+  # of <rare> dog"). A template without {class_noun} makes the token the whole subject.
+  c.learned_token = dict(text="", init_word="")
+  if method == "textual_inversion":
+    c.learned_token = dict(text="<dog*>", init_word="dog")
+    c.subject.instance_template = "a photo of {identifier}"
+  elif method == "ti_then_finetune":
+    c.learned_token = dict(text="<rare>", init_word="rare")
+    c.subject.instance_template = "a photo of {identifier} {class_noun}"
+  # Zeng et al.: stage 1 about 100 steps at 5e-4 on the embedding alone, then the
+  # UNets 200-400 steps at 5e-6 (config.train.lr) with the embedding and T5 frozen.
+  c.two_stage = dict(ti_steps=100, ti_lr=5e-4)
 
   # -- models ------------------------------------------------------------------
   c.model = dict(
@@ -82,7 +106,7 @@ def get_config(arg=None):
 
   # -- class-prior preservation (eq. 2) -----------------------------------------
   c.prior = dict(
-      enabled=True,
+      enabled=method == "dreambooth",  # neither TI nor Zeng et al.'s stage 2 use it
       weight=1.0,               # lambda
       num_images=8 if tiny else 1000,
       batch_size=4 if tiny else 16,
@@ -90,12 +114,19 @@ def get_config(arg=None):
   )
 
   # -- optimisation --------------------------------------------------------------
-  steps = arg.steps if arg.steps > 0 else (40 if tiny else 1000)
+  # Paper schedules: DreamBooth 1000 steps at 1e-5 (Imagen); textual inversion 3000-5000
+  # steps at 5e-3; two-stage 100 + 300 steps, stage 2 at 5e-6. The tiny default
+  # keeps the learning rates and shortens the runs.
+  steps, lr = dict(dreambooth=(1000, 1e-5), textual_inversion=(3000, 5e-3),
+                   ti_then_finetune=(400, 5e-6))[method]
+  if tiny:
+    steps, lr = 40, (1e-4 if method == "dreambooth" else lr)
+    c.two_stage.ti_steps = 20
   c.train = dict(
-      steps=steps,
+      steps=arg.steps if arg.steps > 0 else steps,
       batch_size=1,             # instance images per step
       prior_batch_size=1,       # class-prior images per step
-      lr=1e-4 if tiny else 1e-5,  # paper: 1e-5 for Imagen
+      lr=lr,
       warmup_steps=0,
       schedule="constant",      # or 'cosine'
       b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
@@ -120,8 +151,11 @@ def get_config(arg=None):
   c.distributed = dict(initialize=False, coordinator_address="", num_processes=1, process_id=0,
                        local_device_ids="")
 
+  if arg.steps > 0:
+    c.two_stage.ti_steps = min(c.two_stage.ti_steps, max(1, arg.steps // 2))
   if arg.runlocal:  # smoke-test sizes for any variant
     c.train.steps = 4
+    c.two_stage.ti_steps = 2
     c.prior.num_images = 2
     c.prior.batch_size = 2
     c.checkpoint.every = 2

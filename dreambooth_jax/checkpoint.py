@@ -53,11 +53,13 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from orbax.checkpoint import checkpoint_managers as policies
 
+from dreambooth_jax.weights.safetensors_io import SafetensorsFile, WeightsError, save_file
 from dreambooth_jax.weights.unet import save_unet_diffusers
 
 _STATE, _METADATA = "state", "metadata"
 _KEYS_FIELD = "_typed_keys"  # JSON field: {keystr(path): impl name}
 EXPORT_INFO = "dreambooth.json"
+TOKENS_FILE = "learned_tokens.safetensors"  # textual inversion's rows, one per token
 
 
 class NonFiniteStateError(ValueError):
@@ -312,3 +314,28 @@ def export_final(workdir: str, stages: Mapping[str, tuple[Any, Any]], info: Mapp
     json.dump(record, f, indent=2, default=str)
   os.replace(path + ".tmp", path)
   return export
+
+
+def export_token_rows(export_dir: str, tokens, rows: np.ndarray) -> str:
+  """Writes learned token rows [K, d_model] as `export/learned_tokens.safetensors`.
+
+  One tensor per token, named by the token string (as diffusers' textual
+  inversion files are), so other code can add them to a T5 vocabulary.
+  """
+  tokens = list(tokens)
+  if len(tokens) != rows.shape[0]:
+    raise ValueError(f"{len(tokens)} tokens but {rows.shape[0]} rows")
+  path = os.path.join(export_dir, TOKENS_FILE)
+  save_file({t: np.asarray(r, np.float32) for t, r in zip(tokens, rows)}, path,
+            metadata={"tokens": json.dumps(tokens)})
+  return path
+
+
+def load_token_rows(path: str) -> tuple[list[str], np.ndarray]:
+  """(tokens, rows [K, d_model]) of an `export_token_rows` file."""
+  if not os.path.isfile(path):
+    raise WeightsError(f"no learned token file at {path!r} (written by a textual_inversion or "
+                       "ti_then_finetune run into its export/ folder)")
+  f = SafetensorsFile(path)
+  tokens = json.loads(f.metadata.get("tokens", "[]")) or sorted(f)
+  return tokens, np.stack([np.asarray(f[t], np.float32) for t in tokens])

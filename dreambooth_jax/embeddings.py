@@ -33,6 +33,7 @@ import uuid
 from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -133,11 +134,27 @@ def encoder_fingerprint(encoder: str | nnx.Module, tokenizer: Tokenizer | str, *
 # ---------------------------------------------------------------------------------------------
 
 
+def encode_with_learned(t5: nnx.Module, learned_rows: jax.Array | None, input_ids: jax.Array,
+                        attention_mask: jax.Array) -> jax.Array:
+  """T5 on token ids where id -1-k stands for learned row k ([K, d_model]); differentiable.
+
+  The learned rows replace T5's table lookups and then go through the frozen
+  encoder like any token, so gradients reach the rows (textual inversion).
+  """
+  input_ids = jnp.asarray(input_ids)
+  if learned_rows is None:
+    return t5(input_ids, attention_mask)
+  table = t5.shared(jnp.maximum(input_ids, 0))
+  k = jnp.clip(-1 - input_ids, 0, learned_rows.shape[0] - 1)
+  x = jnp.where((input_ids < 0)[..., None], learned_rows[k].astype(table.dtype), table)
+  return t5.from_embeddings(x, attention_mask)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "mesh"))
-def _encode(params, input_ids, attention_mask, *, graphdef, mesh):
+def _encode(params, learned_rows, input_ids, attention_mask, *, graphdef, mesh):
   # Module-level and keyed on the (array-free) graphdef: one compilation per model
   # structure, batch shape and sharding, and jit's cache never holds the parameters.
-  out = nnx.merge(graphdef, params)(input_ids, attention_mask)
+  out = encode_with_learned(nnx.merge(graphdef, params), learned_rows, input_ids, attention_mask)
   if mesh is not None:
     out = jax.lax.with_sharding_constraint(out, NamedSharding(mesh, P()))
   return out
@@ -145,7 +162,8 @@ def _encode(params, input_ids, attention_mask, *, graphdef, mesh):
 
 def encode_prompts(t5: nnx.Module, tokenizer: Tokenizer, prompts: Sequence[str], *,
                    batch_size: int = 8, mesh: jax.sharding.Mesh | None = None,
-                   rules=sharding.DEFAULT_RULES) -> tuple[np.ndarray, np.ndarray]:
+                   rules=sharding.DEFAULT_RULES,
+                   learned_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Runs the T5 encoder over `prompts`: numpy (embeddings [N, L, D], attention_mask [N, L]).
 
   Jitted for a fixed [batch_size, L] shape (the last batch is padded with
@@ -156,6 +174,9 @@ def encode_prompts(t5: nnx.Module, tokenizer: Tokenizer, prompts: Sequence[str],
   hosts every host must pass the same prompts; outputs are replicated, so
   every host gets all of them. The returned arrays are host copies: the
   caller may drop `t5` right after and its device memory is freed.
+
+  `learned_rows` [K, d_model] embed the tokenizer's learned tokens (ids < 0);
+  prompts with learned tokens and no rows are an error, not a silent lookup.
   """
   prompts = list(prompts)
   if not prompts:
@@ -172,7 +193,10 @@ def encode_prompts(t5: nnx.Module, tokenizer: Tokenizer, prompts: Sequence[str],
   for start in range(0, len(prompts), batch_size):
     chunk = prompts[start:start + batch_size]
     tokens = tokenizer(chunk + [""] * (batch_size - len(chunk)))
-    out = _encode(params, put(tokens["input_ids"]), put(tokens["attention_mask"]),
+    if learned_rows is None and (tokens["input_ids"] < 0).any():
+      raise ValueError(f"prompts {chunk} hold learned tokens {tokenizer.learned_tokens}; pass "
+                       "their embedding rows (learned_rows=)")
+    out = _encode(params, learned_rows, put(tokens["input_ids"]), put(tokens["attention_mask"]),
                   graphdef=graphdef, mesh=mesh)
     # addressable_data(0) is the whole array (replicated or single-device), also on multi-host.
     embeddings.append(np.array(out.addressable_data(0))[:len(chunk)])

@@ -10,16 +10,31 @@ halves go through the UNet as one batch (one forward and backward per stage).
 Super-resolution stages see their own low-res view of each image, noised at
 the lowered augmentation level (`Stage.loss`).
 
-The state is a plain pytree `{"params": {stage: State}, "opt_state", "step",
-"rng"}`; `train_step(state, batch)` is one optimiser update (gradient
-accumulation sums micro-batches inside it) and never applies
-a non-finite update: if the loss or the gradients are not finite, params and
-optimiser state come back unchanged and `metrics["finite"]` is 0, so the last
-good state is intact for the caller to save or to stop on.
+Three methods share this one step (`config.method`), as a list of `Phase`s:
+
+* dreambooth: the UNets of the tuned stages learn, with the prior term.
+* textual_inversion (Gal et al.): only a new token's embedding row learns; the
+  instance prompt ("a photo of <tok>") goes through the frozen T5 inside the
+  step so the gradient reaches the row; UNets and T5 stay fixed; no prior.
+* ti_then_finetune (Zeng et al.): a short textual-inversion phase for "<rare>"
+  (an adjective: "a photo of <rare> dog"), then the UNets fine-tune with the
+  learned row and T5 frozen and without the prior term.
+
+The state is a plain pytree `{"params", "fixed", "opt_state", "step", "rng"}`:
+`params` is what learns in the current phase ({stage: State} and/or
+{"tokens": [K, d_model]}), `fixed` what an earlier phase learned and this one
+keeps (the token rows in the fine-tune phase). Pretrained weights that never
+learn (frozen UNets, T5) are not state: they are the `frozen` argument of
+`train_step(state, batch, frozen)`, so checkpoints hold only what was learned.
+A step is one optimiser update (gradient accumulation sums micro-batches inside
+it) and never applies a non-finite update: if the loss or the gradients are not
+finite, params and optimiser state come back unchanged and `metrics["finite"]`
+is 0, so the last good state is intact for the caller to save or to stop on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any, Mapping
 
@@ -29,18 +44,69 @@ import optax
 from flax import nnx
 
 from dreambooth_jax import cascade as cascade_lib
+from dreambooth_jax import config_lib
+from dreambooth_jax.embeddings import encode_with_learned
+
+METHODS = ("dreambooth", "textual_inversion", "ti_then_finetune")
+TOKENS = "tokens"  # the key of the learned embedding rows in params / fixed
 
 
-def learning_rate(config) -> optax.Schedule:
-  t = config.train
+@dataclasses.dataclass(frozen=True)
+class Phase:
+  """One optimisation phase over global steps [start, end)."""
+  name: str            # dreambooth | textual_inversion | finetune
+  start: int
+  end: int
+  lr: float
+  train_tokens: bool   # the learned token rows, through the frozen T5
+  train_unets: bool    # the UNets of the tuned stages
+  prior: bool          # the class-prior preservation term
+
+  @property
+  def steps(self) -> int:
+    return self.end - self.start
+
+
+def uses_learned_tokens(config) -> bool:
+  return config.method in ("textual_inversion", "ti_then_finetune")
+
+
+def phases(config) -> list[Phase]:
+  """The method's phases; a resumed run finds its place by the global step."""
+  t, method = config.train, config.method
+  if method == "dreambooth":
+    return [Phase("dreambooth", 0, t.steps, t.lr, False, True, bool(config.prior.enabled))]
+  if method == "textual_inversion":
+    return [Phase("textual_inversion", 0, t.steps, t.lr, True, False, False)]
+  if method == "ti_then_finetune":
+    ti = config.two_stage.ti_steps
+    if not 0 < ti < t.steps:
+      raise config_lib.ConfigError(
+          f"config.two_stage.ti_steps={ti} must be in (0, config.train.steps={t.steps}): stage 1 "
+          "(textual inversion) takes ti_steps, stage 2 (fine-tuning) the rest")
+    return [Phase("textual_inversion", 0, ti, config.two_stage.ti_lr, True, False, False),
+            Phase("finetune", ti, t.steps, t.lr, False, True, bool(config.prior.enabled))]
+  raise config_lib.ConfigError(f"config.method={method!r}: use one of {', '.join(METHODS)}")
+
+
+def phase_of_step(all_phases: list[Phase], step: int) -> Phase:
+  """The phase that runs step `step` + 1 (the last phase once training is done)."""
+  for phase in all_phases:
+    if step < phase.end:
+      return phase
+  return all_phases[-1]
+
+
+def learning_rate(config, phase: Phase) -> optax.Schedule:
+  t, lr = config.train, phase.lr
   if t.schedule == "constant":
-    main = optax.constant_schedule(t.lr)
+    main = optax.constant_schedule(lr)
   elif t.schedule == "cosine":
-    main = optax.cosine_decay_schedule(t.lr, max(1, t.steps - t.warmup_steps))
+    main = optax.cosine_decay_schedule(lr, max(1, phase.steps - t.warmup_steps))
   else:
     raise ValueError(f"config.train.schedule={t.schedule!r}: use 'constant' or 'cosine'")
   if t.warmup_steps:
-    return optax.join_schedules([optax.linear_schedule(0.0, t.lr, t.warmup_steps), main],
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, t.warmup_steps), main],
                                 [t.warmup_steps])
   return main
 
@@ -56,13 +122,17 @@ def trainable_mask(params: Mapping[str, Any], pattern: str) -> Any:
   return jax.tree_util.tree_map_with_path(label, params)
 
 
-def optimizer(config, params) -> optax.GradientTransformation:
-  """AdamW with clipping and a schedule; params outside `config.train.trainable` stay fixed."""
+def optimizer(config, params, phase: Phase) -> optax.GradientTransformation:
+  """AdamW with clipping and the phase's schedule; UNet params outside
+  `config.train.trainable` stay fixed (learned token rows always learn)."""
   t = config.train
   tx = optax.chain(
       optax.clip_by_global_norm(t.grad_clip) if t.grad_clip else optax.identity(),
-      optax.adamw(learning_rate(config), b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay))
+      optax.adamw(learning_rate(config, phase), b1=t.b1, b2=t.b2, eps=t.eps,
+                  weight_decay=t.weight_decay))
   mask = trainable_mask(params, t.trainable)
+  if TOKENS in params:
+    mask[TOKENS] = jax.tree.map(lambda _: True, params[TOKENS])
   if all(jax.tree.leaves(mask)):
     return tx
   labels = jax.tree.map(lambda m: "train" if m else "freeze", mask)
@@ -114,18 +184,31 @@ def _global_norm(tree) -> jax.Array:
 
 
 def make_train_step(stages: Mapping[str, cascade_lib.Stage], tx: optax.GradientTransformation,
-                    prior_weight: float):
-  """`train_step(state, batch) -> (state, metrics)`, pure; jit it with shardings and donation.
+                    prior_weight: float, *, t5_graphdef=None):
+  """`train_step(state, batch, frozen={}) -> (state, metrics)`, pure; jit it with shardings
+  and donation of `state`.
 
+  `stages`: the stages whose loss is summed (their UNets in `state["params"]` when
+  they learn, else in `frozen`). `frozen` may hold "t5" (params of the
+  `t5_graphdef` encoder) for phases that learn token rows; the instance text
+  in `batch` is then token ids ({"input_ids", "mask"}) encoded inside the step.
   `batch` leaves have a leading micro-batch axis (gradient accumulation).
   """
-  def loss_fn(params, micro, rng):
-    return dreambooth_loss(stages, params, micro, rng, prior_weight)
+  def loss_fn(params, fixed, frozen, micro, rng):
+    every = {**frozen, **fixed, **params}
+    text = micro["text"]
+    if TOKENS in params:  # gradients flow through the frozen T5 into the rows only
+      inst = text["instance"]
+      t5 = nnx.merge(t5_graphdef, frozen["t5"])  # an argument, not differentiated
+      emb = encode_with_learned(t5, params[TOKENS], inst["input_ids"], inst["mask"])
+      text = dict(text, instance={"text": emb.astype(jnp.float32), "mask": inst["mask"]})
+    return dreambooth_loss(stages, every, dict(micro, text=text), rng, prior_weight)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def train_step(state, batch):
-    params = state["params"]
+  def train_step(state, batch, frozen=None):
+    frozen = frozen or {}
+    params, fixed = state["params"], state.get("fixed", {})
     rng = jax.random.fold_in(state["rng"], state["step"])
     accum = jax.tree.leaves(batch)[0].shape[0]
 
@@ -135,7 +218,7 @@ def make_train_step(stages: Mapping[str, cascade_lib.Stage], tx: optax.GradientT
     grads, metrics = None, []
     for i in range(accum):
       micro = jax.tree.map(lambda x: x[i], batch)
-      (_, m), g = grad_fn(params, micro, jax.random.fold_in(rng, i))
+      (_, m), g = grad_fn(params, fixed, frozen, micro, jax.random.fold_in(rng, i))
       g = jax.tree.map(lambda x: x.astype(jnp.float32) / accum, g)
       grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
       metrics.append(m)
@@ -156,3 +239,20 @@ def make_train_step(stages: Mapping[str, cascade_lib.Stage], tx: optax.GradientT
 
 def param_states(stages: Mapping[str, cascade_lib.Stage]) -> dict[str, nnx.State]:
   return {name: stage.params for name, stage in stages.items()}
+
+
+def initial_token_rows(t5: nnx.Module, tokenizer, init_words: list[str]) -> jax.Array:
+  """[K, d_model] float32: row k starts as the mean T5 embedding of init word k's pieces.
+
+  (Textual inversion wants one-piece init words; a word the vocabulary splits
+  is averaged rather than refused, as diffusers' TI scripts do not allow.)
+  """
+  table = t5.shared.embedding[...]
+  rows = []
+  for word in init_words:
+    ids = tokenizer.encode(word, add_eos=False)
+    ids = [i for i in ids if i >= 0 and tokenizer.id_to_piece(i) != "▁"] or ids
+    if not ids:
+      raise config_lib.ConfigError(f"config.learned_token.init_word={word!r} has no tokens")
+    rows.append(jnp.mean(table[jnp.asarray(ids)].astype(jnp.float32), axis=0))
+  return jnp.stack(rows)

@@ -30,6 +30,7 @@ from dreambooth_jax.models import t5 as t5_lib
 from dreambooth_jax.models.layers import KeyGen, random_init
 from dreambooth_jax.models.unet import UNetConfig, init_unet
 from dreambooth_jax.weights import WeightsError, load_unet
+from dreambooth_jax.weights.safetensors_io import read_config
 from dreambooth_jax.weights.t5 import load_t5_encoder
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
@@ -45,7 +46,8 @@ class Models:
   load_t5: Callable[[], nnx.Module]   # loads (or builds) the encoder only when called
   text_fingerprint: str                # names what determines a prompt's embedding
   weights_fingerprint: str             # names the frozen cascade (for the class-prior cache)
-  tuned: tuple[str, ...]               # stages being fine-tuned
+  tuned: tuple[str, ...]               # stages being fine-tuned (or whose loss TI uses)
+  t5_width: int                        # d_model: the width of a learned token row
 
 
 def _dtype(name: str):
@@ -163,11 +165,18 @@ def build(config: ml_collections.ConfigDict) -> Models:
     load_t5 = lambda: random_init(nnx.eval_shape(lambda: t5_lib.T5EncoderModel(
         t5_config, dtype=t5_dtype, param_dtype=t5_dtype, rngs=KeyGen(0))), config.tiny.seed + 7)
     text_print = embeddings.encoder_fingerprint(load_t5(), tokenizer, dtype=str(t5_dtype))
+    width = t5_config.d_model
   else:
-    load_t5 = lambda: load_t5_encoder(config.pretrained.t5, t5_dtype)
+    # remat: textual inversion backpropagates through the frozen T5-XXL.
+    load_t5 = lambda: load_t5_encoder(config.pretrained.t5, t5_dtype, remat=config.model.remat)
     text_print = embeddings.encoder_fingerprint(config.pretrained.t5, tokenizer, dtype=str(t5_dtype))
+    width = int(read_config(config.pretrained.t5)["d_model"])
   weights_print = hashlib.sha256("\n".join(prints + [text_print]).encode()).hexdigest()[:32]
-  return Models(cascade_lib.Cascade(stages), tokenizer, load_t5, text_print, weights_print, tuned)
+  learned = config.get("learned_token", {}).get("text")
+  if learned:  # after the fingerprints: a learned token changes no plain prompt
+    tokenizer = tokenizer.with_learned_tokens([learned])
+  return Models(cascade_lib.Cascade(stages), tokenizer, load_t5, text_print, weights_print, tuned,
+                width)
 
 
 def tiny_t5_config(config, tokenizer: text.Tokenizer) -> t5_lib.T5Config:

@@ -6,20 +6,25 @@ r"""Sample a fine-tuned cascade: a PNG grid of every stage for a prompt.
 latest checkpoint (`--step` picks another), the frozen stages from the
 config's models; text embeddings go through the workdir's prompt cache, so
 T5 is only loaded for prompts it has not seen.
+
+From Python, `FineTuned.load(workdir)` is the handle that `evaluate` and the
+notebooks use: `.embed(prompts)` and `.generate(prompts, num, seed)`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import sys
+from typing import Any, Mapping, Sequence
 
 from absl import app, flags, logging
 
 import jax
 import numpy as np
 
-from dreambooth_jax import config_lib, metrics_writer, pipeline, text
+from dreambooth_jax import config_lib, embeddings, methods, metrics_writer, pipeline, text
 from dreambooth_jax import train as train_lib
 
 # --workdir is the training CLI's flag (defined in dreambooth_jax.train, imported above).
@@ -43,23 +48,73 @@ def load_workdir(workdir: str):
   return config, models, identifier
 
 
+@dataclasses.dataclass
+class FineTuned:
+  """A training workdir's fine-tuned cascade, ready to sample."""
+  workdir: str
+  config: Any
+  models: pipeline.Models
+  identifier: text.Identifier
+  params: Mapping[str, Any]   # tuned stages' params at `step`
+  step: int
+  learned_rows: np.ndarray | None = None  # [K, d_model] rows of learned tokens, if any
+
+  @classmethod
+  def load(cls, workdir: str, step: int | None = None) -> "FineTuned":
+    config, models, identifier = load_workdir(workdir)
+    params, step = train_lib.restore_params(config, models, workdir, step)
+    rows = params.pop(methods.TOKENS, None)
+    return cls(workdir, config, models, identifier, params, step,
+               None if rows is None else np.asarray(jax.device_get(rows)))
+
+  @property
+  def method(self) -> str:
+    return self.config.method
+
+  @property
+  def class_noun(self) -> str:
+    return self.config.subject.class_noun
+
+  def fill(self, prompt: str) -> str:
+    """'[V]' -> the identifier. When the identifier stands for the whole subject (an
+    instance template without {class_noun}, as textual inversion's "a photo of <dog*>"),
+    "[V] dog" becomes just the identifier, so benchmark prompts fit every method."""
+    ident = self.identifier.text
+    prompt = prompt.replace("[V]", ident)
+    if "{class_noun}" not in self.config.subject.instance_template:
+      prompt = prompt.replace(f"{ident} {self.class_noun}", ident)
+    return prompt
+
+  def embed(self, prompts: Sequence[str], mesh=None) -> dict[str, np.ndarray]:
+    """{"text", "mask"} [len(prompts), L, D] through the workdir's prompt cache; learned
+    tokens are embedded with this checkpoint's rows."""
+    prompts = [self.fill(p) for p in prompts]
+    unique = list(dict.fromkeys(prompts))
+    learned = [p for p in unique if train_lib.has_learned(self.models.tokenizer, p)]
+    plain = [p for p in unique if p not in learned]
+    table = {}
+    if plain:
+      table.update(train_lib._encode_all(self.config, self.models, plain, self.workdir, mesh))
+    if learned:
+      table.update(train_lib._encode_all(self.config, self.models, learned, self.workdir, mesh,
+                                         rows=self.learned_rows))
+    return embeddings.stack_embeddings(table, prompts)
+
+  def generate(self, prompt: str, num: int, rng: jax.Array, *, upto: str | None = None,
+               mesh=None) -> dict[str, np.ndarray]:
+    """{stage: uint8 [num, H, W, 3]} for one prompt ('[V]' allowed); deterministic per rng."""
+    return self.models.cascade.sample(self.embed([prompt]), rng, uncond_embeddings=self.embed([""]),
+                                      params=self.params, batch_size=num, upto=upto, mesh=mesh)
+
+
 def sample(workdir: str, prompts: list[str], *, num: int = 4, seed: int = 0, step: int | None = None,
            upto: str | None = None) -> list[tuple[str, dict[str, np.ndarray]]]:
   """[(prompt, {stage: uint8 [num, H, W, 3]})] from the workdir's fine-tuned cascade."""
-  config, models, identifier = load_workdir(workdir)
-  prompts = [p.replace("[V]", identifier.text) for p in prompts]
-  mesh = None
-  table = train_lib._encode_all(config, models, prompts + [""], workdir, mesh)
-  params, restored_step = train_lib.restore_params(config, models, workdir, step)
-  print(f"sampling {workdir} at step {restored_step} (identifier {identifier.text!r})", flush=True)
-  from dreambooth_jax.embeddings import stack_embeddings
-  uncond = stack_embeddings(table, [""])
-  rows = []
-  for i, prompt in enumerate(prompts):
-    images = models.cascade.sample(stack_embeddings(table, [prompt]), jax.random.key(seed + i),
-                                   uncond_embeddings=uncond, params=params, batch_size=num, upto=upto)
-    rows.append((prompt, images))
-  return rows
+  tuned = FineTuned.load(workdir, step)
+  print(f"sampling {workdir} at step {tuned.step} (identifier {tuned.identifier.text!r})", flush=True)
+  tuned.embed(list(prompts) + [""])  # one T5 load for every prompt not in the cache
+  return [(tuned.fill(p), tuned.generate(p, num, jax.random.key(seed + i), upto=upto))
+          for i, p in enumerate(prompts)]
 
 
 def main(argv):

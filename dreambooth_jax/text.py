@@ -59,7 +59,8 @@ class Tokenizer:
   with `spiece.model`, e.g. DeepFloyd IF's `tokenizer/` or `google/t5-v1_1-xxl`.
   """
 
-  def __init__(self, sp_model_file: str, *, max_length: int = IF_MAX_LENGTH, extra_ids: int = 100):
+  def __init__(self, sp_model_file: str, *, max_length: int = IF_MAX_LENGTH, extra_ids: int = 100,
+               learned_tokens: Sequence[str] = ()):
     import sentencepiece  # deferred: only the tokenizer needs it, not the models
 
     self.path = sp_model_file
@@ -77,6 +78,15 @@ class Tokenizer:
     self._special_ids = {"<pad>": PAD_ID, "</s>": EOS_ID, "<unk>": UNK_ID}
     self._special_ids.update({f"<extra_id_{n}>": self.sp_size + self.extra_ids - 1 - n
                               for n in range(self.extra_ids)})
+    # Learned tokens (textual inversion) get negative ids, -1 - k for the k-th: they index
+    # the learned embedding rows, never T5's table, and an encoder without the rows
+    # rejects them (embeddings.encode_prompts) instead of reading a wrong row.
+    self.learned_tokens = tuple(learned_tokens)
+    for k, token in enumerate(self.learned_tokens):
+      if not token or token.strip() != token or " " in token or token in self._special_ids:
+        raise ValueError(f"learned token {token!r}: use one word that is not a special token, "
+                         "e.g. '<rare>'")
+      self._special_ids[token] = -1 - k
     alternatives = sorted(self._special_ids, key=len, reverse=True)  # leftmost-longest
     self._special_re = re.compile("|".join(map(re.escape, alternatives)))
 
@@ -89,6 +99,11 @@ class Tokenizer:
           f"no SentencePiece model at {file!r}. Point at the tokenizer folder of the model "
           f"(the one with {_SPIECE}, e.g. DeepFloyd IF's tokenizer/ or google/t5-v1_1-xxl).")
     return cls(file, **kwargs)
+
+  def with_learned_tokens(self, tokens: Sequence[str]) -> "Tokenizer":
+    """This tokenizer plus learned tokens, each matched whole in text (like `<extra_id_0>`)."""
+    return Tokenizer(self.path, max_length=self.max_length, extra_ids=self.extra_ids,
+                     learned_tokens=tuple(self.learned_tokens) + tuple(tokens))
 
   @property
   def vocab_size(self) -> int:
@@ -114,6 +129,8 @@ class Tokenizer:
   def id_to_piece(self, token_id: int) -> str:
     """The vocabulary entry of an id, e.g. '▁dog' (word-initial pieces start with '▁')."""
     token_id = int(token_id)
+    if -len(self.learned_tokens) <= token_id < 0:
+      return self.learned_tokens[-1 - token_id]
     if 0 <= token_id < self.sp_size:
       return self._sp.id_to_piece(token_id)
     if self.sp_size <= token_id < self.vocab_size:
@@ -165,7 +182,8 @@ class Tokenizer:
     """
     tokens = [self.id_to_piece(i) for i in np.asarray(ids, dtype=np.int64).reshape(-1)
               if not (skip_special_tokens and self.is_special(int(i)))]
-    text = [t.replace(_METASPACE, " ") for t in tokens]
+    learned = set(self.learned_tokens)
+    text = [" " + t if t in learned else t.replace(_METASPACE, " ") for t in tokens]
     if text and text[0].startswith(" "):
       text[0] = text[0][1:]
     return "".join(text)

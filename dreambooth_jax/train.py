@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import multihost_utils
 import numpy as np
+from flax import nnx
 
 from dreambooth_jax import checkpoint as checkpoint_lib
 from dreambooth_jax import config_lib, data, embeddings, methods, metrics_writer, pipeline, priors
@@ -53,12 +54,16 @@ def _instance_and_class_prompts(config, identifier):
 
 
 def sample_prompts(config, identifier) -> list[str]:
-  return [p.format(identifier=str(identifier), class_noun=config.subject.class_noun)
-          for p in config.log.sample_prompts]
+  templates = list(config.log.sample_prompts)
+  if "{class_noun}" not in config.subject.instance_template:  # the identifier is the subject
+    templates = [t.replace("{identifier} {class_noun}", "{identifier}") for t in templates]
+  return [t.format(identifier=str(identifier), class_noun=config.subject.class_noun)
+          for t in templates]
 
 
 def _resolve_identifier(config, tokenizer, workdir) -> text.Identifier:
-  """The identifier of this workdir: reused on resume, sampled (seeded) or user-given otherwise."""
+  """The identifier of this workdir: reused on resume; else the learned token, a user-given
+  word, or sampled rare tokens (seeded)."""
   path = os.path.join(workdir, "identifier.json")
   s = config.subject
   if os.path.isfile(path):
@@ -69,9 +74,14 @@ def _resolve_identifier(config, tokenizer, workdir) -> text.Identifier:
       raise TrainError(f"{workdir} was trained with identifier {ident.text!r}, but "
                        f"config.subject.identifier={s.identifier!r}; use a new --workdir.")
     return ident
-  ident = text.resolve_identifier(tokenizer, s.identifier or None, class_noun=s.class_noun,
-                                  template=s.instance_template, num_tokens=s.identifier_tokens,
-                                  seed=config.seed, id_range=tuple(s.identifier_id_range))
+  if methods.uses_learned_tokens(config):
+    token = config.learned_token.text
+    ident = text.Identifier(token, tuple(tokenizer.encode(token, add_eos=False)), "learned",
+                            pieces=(config.learned_token.init_word or s.class_noun,))
+  else:
+    ident = text.resolve_identifier(tokenizer, s.identifier or None, class_noun=s.class_noun,
+                                    template=s.instance_template, num_tokens=s.identifier_tokens,
+                                    seed=config.seed, id_range=tuple(s.identifier_id_range))
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     f.write(ident.to_json())
@@ -79,10 +89,21 @@ def _resolve_identifier(config, tokenizer, workdir) -> text.Identifier:
   return ident
 
 
-def _encode_all(config, models, prompts, workdir, mesh):
+def has_learned(tokenizer, prompt: str) -> bool:
+  return any(token in prompt for token in tokenizer.learned_tokens)
+
+
+def _encode_all(config, models, prompts, workdir, mesh, rows=None, t5=None):
+  """{prompt: PromptEmbedding} through the workdir's cache; `rows` embed learned tokens
+  (their digest is part of the cache key, so new rows never read stale entries)."""
   cache = embeddings.PromptEmbeddingCache(os.path.join(workdir, "prompt_embeddings"))
-  encode = lambda ps: embeddings.encode_prompts(models.load_t5(), models.tokenizer, ps, mesh=mesh)
-  return cache.get_or_compute(prompts, encode, models.text_fingerprint)
+  load = (lambda: t5) if t5 is not None else models.load_t5
+  encode = lambda ps: embeddings.encode_prompts(load(), models.tokenizer, ps, mesh=mesh,
+                                                learned_rows=rows)
+  fingerprint = models.text_fingerprint
+  if rows is not None:
+    fingerprint = checkpoint_lib.fingerprint([fingerprint, np.asarray(rows).tobytes().hex()])
+  return cache.get_or_compute(prompts, encode, fingerprint)
 
 
 def _batch_spec(mesh, batch: int, ndim: int):
@@ -94,7 +115,8 @@ def _batch_spec(mesh, batch: int, ndim: int):
 
 
 def _place_state(state, mesh, rules):
-  """Params by the logical rules; optimiser leaves like the param they mirror; scalars replicated."""
+  """Params by the logical rules; optimiser leaves like the param they mirror; the rest
+  (learned token rows, step, rng) replicated."""
   param_sh = {name: sharding.param_shardings(p, mesh, rules) for name, p in state["params"].items()}
   flat_params = {}
   for name, sh in param_sh.items():
@@ -111,8 +133,10 @@ def _place_state(state, mesh, rules):
     return replicated
 
   opt_sh = jax.tree_util.tree_map_with_path(opt_leaf, state["opt_state"])
-  return dict(state, params=param_sh, opt_state=opt_sh,
-              step=replicated, rng=replicated)
+  out = dict(state, params=param_sh, opt_state=opt_sh, step=replicated, rng=replicated)
+  if "fixed" in state:
+    out["fixed"] = jax.tree.map(lambda _: replicated, state["fixed"])
+  return out
 
 
 def _rules(config):
@@ -123,14 +147,25 @@ def _mesh_and_rules(config):
   return sharding.make_mesh(dict(config.mesh)), _rules(config)
 
 
-def _abstract_state(config, models, mesh, rules):
-  """(tuned stages, optimiser, abstract train state, its shardings); allocates nothing."""
+def _abstract_state(config, models, mesh, rules, phase=None):
+  """(loss stages, optimiser, abstract train state, its shardings) of `phase`; allocates
+  nothing. Learned token rows are in `params` while they learn, in `fixed` after.
+  `phase` defaults to the method's first."""
+  phase = phase or methods.phases(config)[0]
   stages = {name: models.cascade.by_name[name] for name in models.tuned}
-  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), methods.param_states(stages))
-  tx = methods.optimizer(config, params)
+  params = {}
+  if phase.train_unets:
+    params.update(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                               methods.param_states(stages)))
+  rows = jax.ShapeDtypeStruct((len(models.tokenizer.learned_tokens), models.t5_width), jnp.float32)
+  if phase.train_tokens:
+    params[methods.TOKENS] = rows
+  tx = methods.optimizer(config, params, phase)
   abstract = dict(params=params, opt_state=jax.eval_shape(tx.init, params),
                   step=jax.ShapeDtypeStruct((), jnp.int32),
                   rng=jax.eval_shape(lambda: jax.random.key(0)))
+  if methods.uses_learned_tokens(config) and not phase.train_tokens:
+    abstract["fixed"] = {methods.TOKENS: rows}
   return stages, tx, abstract, _place_state(abstract, mesh, rules)
 
 
@@ -146,19 +181,32 @@ def _with_shardings(abstract, shardings):
                       abstract, shardings)
 
 
+def _checkpoint_phase(config, ckpt, step: int) -> methods.Phase:
+  """The phase whose state a checkpoint holds (its metadata names it; dreambooth if absent)."""
+  all_phases = methods.phases(config)
+  name = ckpt.restore_metadata(step).get("phase", all_phases[0].name)
+  ends = [p for p in all_phases if p.name == name]
+  if not ends:
+    raise TrainError(f"checkpoint {step} in {ckpt.directory} was written in phase {name!r}, which "
+                     f"config.method={config.method!r} does not have; use its own config")
+  return ends[0]
+
+
 def restore_params(config, models, workdir: str, step: int | None = None):
-  """The tuned stages' params of a workdir checkpoint: ({stage: State}, step).
+  """What a workdir checkpoint learned: ({stage: State} and/or {"tokens": rows}, step).
 
   Restored onto this machine's devices (all on fsdp), whatever mesh trained them:
   orbax reshards, so a TPU-trained workdir samples on a laptop.
   """
   mesh, rules = sharding.make_mesh(), _rules(config)
-  _, _, abstract, shardings = _abstract_state(config, models, mesh, rules)
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=False)
   step = ckpt.latest_step() if step is None else step
   if step is None:
     raise TrainError(f"{workdir!r} has no checkpoint yet; train first")
-  return ckpt.restore(step, _with_shardings(abstract, shardings))["params"], step
+  phase = _checkpoint_phase(config, ckpt, step)
+  _, _, abstract, shardings = _abstract_state(config, models, mesh, rules, phase)
+  state = ckpt.restore(step, _with_shardings(abstract, shardings))
+  return {**state.get("fixed", {}), **state["params"]}, step
 
 
 def main(argv=None):
@@ -181,8 +229,10 @@ def run(config, workdir: str):
                                if d.local_device_ids else None)
   tuned = config_lib.parse_stages(config.stages)
   mesh, rules = _mesh_and_rules(config)
-  if config.method != "dreambooth":
-    raise config_lib.ConfigError(f"config.method={config.method!r}: only 'dreambooth' is implemented")
+  all_phases = methods.phases(config)
+  if methods.uses_learned_tokens(config) and not config.learned_token.text:
+    raise config_lib.ConfigError(f"config.method={config.method!r} learns a token: set "
+                                 "config.learned_token.text, e.g. '<rare>'")
   lead = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
 
@@ -198,20 +248,23 @@ def run(config, workdir: str):
 
   # == Models, identifier, prompts ===============================================
   models = pipeline.build(config)
-  identifier = _resolve_identifier(config, models.tokenizer, workdir)
+  tok = models.tokenizer
+  identifier = _resolve_identifier(config, tok, workdir)
   instance_prompt, class_prompt = _instance_and_class_prompts(config, identifier)
-  print(f"identifier: {identifier.text!r} ({identifier.source}); instance prompt "
+  print(f"{config.method}: identifier {identifier.text!r} ({identifier.source}); instance prompt "
         f"{instance_prompt!r}, class prompt {class_prompt!r}", flush=True)
   previews = sample_prompts(config, identifier)
 
   # == Text embeddings: T5 once, cached; nothing keeps it alive afterwards =========
-  table = _encode_all(config, models, [instance_prompt, class_prompt, ""] + previews, workdir, mesh)
+  # (Prompts with a learned token are encoded with the current rows when needed.)
+  plain = [p for p in [instance_prompt, class_prompt, ""] + previews if not has_learned(tok, p)]
+  table = _encode_all(config, models, plain, workdir, mesh)
   emb = lambda prompts: embeddings.stack_embeddings(table, prompts)
   uncond = emb([""])
 
   # == Class priors from the frozen cascade ===========================================
   prior_images = None
-  if config.prior.enabled:
+  if any(p.prior for p in all_phases):
     upto = [s.name for s in models.cascade.stages if s.name in tuned][-1]
     spec = priors.PriorSpec.from_cascade(models.cascade, class_prompt, config.prior.num_images,
                                          upto=upto, fingerprint=models.weights_fingerprint,
@@ -223,29 +276,131 @@ def run(config, workdir: str):
     prior_images = {s: data.to_model_range(prior_images[s]) for s in tuned}
 
   # == State: resume from the workdir, else the built (pretrained / random) params =====
-  stages, tx, abstract, shardings = _abstract_state(config, models, mesh, rules)
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.checkpoint.keep,
                                      async_save=config.checkpoint.async_save)
+  t5 = None  # loaded once, only by methods that learn token rows
+  if methods.uses_learned_tokens(config):
+    t5 = models.load_t5()
   start = ckpt.latest_step()
   if start is not None:
+    phase = _checkpoint_phase(config, ckpt, start)
+    stages, tx, abstract, shardings = _abstract_state(config, models, mesh, rules, phase)
     state = ckpt.restore(start, _with_shardings(abstract, shardings))
-    print(f"resumed from {workdir} at step {start}", flush=True)
+    print(f"resumed from {workdir} at step {start} ({phase.name})", flush=True)
   else:
-    params = jax.tree.map(_put_global, methods.param_states(stages), shardings["params"])
-    state = dict(params=params,
-                 opt_state=jax.jit(tx.init, out_shardings=shardings["opt_state"])(params),
-                 step=jax.jit(lambda: jnp.int32(0), out_shardings=shardings["step"])(),
-                 rng=jax.jit(lambda: jax.random.key(config.seed), out_shardings=shardings["rng"])())
-  start = int(state["step"])
+    phase = all_phases[0]
+    rows = (methods.initial_token_rows(t5, tok, [config.learned_token.init_word or
+                                                 config.subject.class_noun])
+            if t5 is not None else None)
+    stages, tx, abstract, shardings = _abstract_state(config, models, mesh, rules, phase)
+    state = _fresh_state(config, stages, tx, phase, shardings, rows=rows, step=0,
+                         rng=jax.random.key(config.seed))
 
-  # == The jitted, sharded train step ==================================================
-  step_fn = jax.jit(methods.make_train_step(stages, tx, config.prior.weight),
-                    in_shardings=(shardings, None), out_shardings=(shardings, None),
+  # == Phases (one for DreamBooth and TI, two for ti_then_finetune) ====================
+  writer = metrics_writer.MetricsWriter(workdir, tensorboard=config.log.tensorboard and lead)
+  info = dict(identifier=identifier.text, class_noun=config.subject.class_noun,
+              instance_prompt=instance_prompt, class_prompt=class_prompt, method=config.method,
+              stages=list(tuned), config=json.loads(config_lib.to_json(config)))
+  progress = metrics_writer.progress(int(state["step"]), config.train.steps, disable=not lead)
+  for phase in all_phases[all_phases.index(phase):]:
+    if int(state["step"]) >= phase.end and phase is not all_phases[-1]:
+      continue  # a checkpoint at this phase's end: the next phase starts from it
+    if "params" in state and not _state_is_phase(state, phase):
+      rows = _learned_rows(state)
+      stages, tx, abstract, shardings = _abstract_state(config, models, mesh, rules, phase)
+      state = _fresh_state(config, stages, tx, phase, shardings, rows=rows,
+                           step=int(state["step"]), rng=state["rng"])
+      print(f"phase {phase.name}: steps {phase.start + 1}-{phase.end}", flush=True)
+    state = _train_phase(config, models, phase, state, stages, tx, shardings, mesh, rules, t5=t5,
+                         subject=subject, prior_images=prior_images, emb=emb, uncond=uncond,
+                         instance_prompt=instance_prompt, class_prompt=class_prompt,
+                         previews=previews, ckpt=ckpt, writer=writer, progress=progress,
+                         workdir=workdir, identifier=identifier)
+  progress.close()
+  ckpt.wait()
+
+  # == Export what was learned: tuned UNets in diffusers format, token rows ============
+  params = (multihost_utils.process_allgather(state["params"], tiled=True) if jax.process_count() > 1
+            else jax.device_get(state["params"]))  # every host takes part in the gather
+  rows = _learned_rows(state)
+  if lead:
+    unets = {n: (stages[n].graphdef, params[n]) for n in tuned if n in params}
+    if rows is not None:
+      info["learned_tokens"] = {identifier.text: identifier.pieces[0] if identifier.pieces else ""}
+    export = checkpoint_lib.export_final(workdir, unets, dict(info, steps=int(state["step"])))
+    if rows is not None:
+      checkpoint_lib.export_token_rows(export, tok.learned_tokens, np.asarray(jax.device_get(rows)))
+  writer.close()
+  print(f"done: {config.train.steps} steps; checkpoint, export/ and samples/ in {workdir}", flush=True)
+  return state
+
+
+def _learned_rows(state):
+  return state["params"].get(methods.TOKENS, state.get("fixed", {}).get(methods.TOKENS))
+
+
+def _state_is_phase(state, phase) -> bool:
+  """Whether `state` has the structure `phase` trains (what learns, what is fixed)."""
+  learns_tokens = methods.TOKENS in state["params"]
+  learns_unets = any(k != methods.TOKENS for k in state["params"])
+  return learns_tokens == phase.train_tokens and learns_unets == phase.train_unets
+
+
+def _fresh_state(config, stages, tx, phase, shardings, *, rows, step: int, rng):
+  """A phase's initial state: built UNet params, the token rows, a new optimiser state."""
+  params = {}
+  if phase.train_unets:
+    params.update(jax.tree.map(_put_global, methods.param_states(stages),
+                               {n: shardings["params"][n] for n in stages}))
+  if phase.train_tokens:
+    params[methods.TOKENS] = _put_global(jax.device_get(rows), shardings["params"][methods.TOKENS])
+  state = dict(params=params,
+               opt_state=jax.jit(tx.init, out_shardings=shardings["opt_state"])(params),
+               step=jax.jit(lambda: jnp.int32(step), out_shardings=shardings["step"])(),
+               rng=jax.jit(lambda r: r, out_shardings=shardings["rng"])(rng))
+  if "fixed" in shardings:
+    state["fixed"] = {methods.TOKENS: _put_global(jax.device_get(rows),
+                                                  shardings["fixed"][methods.TOKENS])}
+  return state
+
+
+def _frozen_inputs(models, phase, stages, mesh, rules, t5):
+  """What the step reads but never learns, placed by the rules: UNets the phase keeps
+  fixed, and T5 while token rows learn."""
+  frozen = {}
+  if not phase.train_unets:
+    frozen.update({n: s.params for n, s in stages.items()})
+  graphdef = None
+  if phase.train_tokens:
+    graphdef, frozen["t5"] = nnx.split(t5)
+  shardings = {k: sharding.param_shardings(v, mesh, rules) for k, v in frozen.items()}
+  return jax.tree.map(_put_global, frozen, shardings), shardings, graphdef
+
+
+def _train_phase(config, models, phase, state, stages, tx, shardings, mesh, rules, *, t5, subject,
+                 prior_images, emb, uncond, instance_prompt, class_prompt, previews, ckpt, writer,
+                 progress, workdir, identifier):
+  """Steps state["step"] .. phase.end of one phase: batches, the jitted step, checkpoints,
+  metrics and sample grids."""
+  t, tuned, tok = config.train, models.tuned, models.tokenizer
+  frozen, frozen_sh, t5_graphdef = _frozen_inputs(models, phase, stages, mesh, rules, t5)
+  step_fn = jax.jit(methods.make_train_step(stages, tx, config.prior.weight, t5_graphdef=t5_graphdef),
+                    in_shardings=(shardings, None, frozen_sh), out_shardings=(shardings, None),
                     donate_argnums=(0,))
-  t = config.train
   accum = t.grad_accum
-  text_batch = {"instance": emb([instance_prompt]), "class": emb([class_prompt])}
+  if phase.train_tokens:  # token ids; the step encodes them with the rows it learns
+    ids = tok([instance_prompt])
+    instance = {"input_ids": ids["input_ids"], "mask": ids["attention_mask"]}
+  elif has_learned(tok, instance_prompt):  # rows fixed: encode once
+    rows = np.asarray(jax.device_get(_learned_rows(state)))
+    instance = embeddings.stack_embeddings(
+        _encode_all(config, models, [instance_prompt], workdir, mesh, rows=rows, t5=t5),
+        [instance_prompt])
+  else:
+    instance = emb([instance_prompt])
+  text_batch = {"instance": instance, "class": emb([class_prompt])}
   text_batch = jax.tree.map(lambda x: np.broadcast_to(x, (accum,) + x.shape), text_batch)
+  use_prior = phase.prior and prior_images is not None
 
   # The batch axis is split over the data axes when it divides (each host then
   # loads only its slice); otherwise it is replicated and every host loads it all.
@@ -262,7 +417,7 @@ def run(config, workdir: str):
       inst = subject.batch(config.seed, micro, t.batch_size, flip=config.subject.flip, **host)
       for name in tuned:
         batch[name]["instance"].append(inst[name])
-      if prior_images is not None:
+      if use_prior:
         idx = data.batch_indices(config.prior.seed, micro, t.prior_batch_size, config.prior.num_images)[0]
         if split:
           idx = idx[data.host_slice(t.prior_batch_size, **host)]
@@ -278,16 +433,9 @@ def run(config, workdir: str):
                                batch["text"])
     return out
 
-  # == Train loop ======================================================================
-  writer = metrics_writer.MetricsWriter(workdir, tensorboard=config.log.tensorboard and lead)
-  info = dict(identifier=identifier.text, class_noun=config.subject.class_noun,
-              instance_prompt=instance_prompt, class_prompt=class_prompt, method=config.method,
-              stages=list(tuned), config=json.loads(config_lib.to_json(config)))
-  progress = metrics_writer.progress(start, t.steps, disable=not lead)
-  last_good = start
-  for step in range(start, t.steps):
+  for step in range(int(state["step"]), phase.end):
     batch = make_batch(step)
-    state, metrics = step_fn(state, batch)
+    state, metrics = step_fn(state, batch, frozen)
     metrics = jax.device_get(metrics)
     if not metrics["finite"]:
       ckpt.wait()
@@ -297,38 +445,33 @@ def run(config, workdir: str):
                        "check the subject images.")
     done = step + 1
     progress.update(metrics)
-    if done % config.log.every == 0 or done == t.steps:
+    if done % config.log.every == 0 or done == phase.end:
       writer.write(done, metrics)
-    if done % config.checkpoint.every == 0 or done == t.steps:
-      ckpt.save(done, state, dict(step=done, identifier=identifier.text))
-      last_good = done
+    if done % config.checkpoint.every == 0 or done == phase.end:
+      ckpt.save(done, state, dict(step=done, identifier=identifier.text, phase=phase.name))
     if config.log.sample_every and (done % config.log.sample_every == 0 or done == t.steps):
-      _write_samples(models, state, emb(previews), uncond, previews, workdir, done, mesh, config)
-  progress.close()
-  ckpt.wait()
-
-  # == Export every tuned stage in diffusers format ======================================
-  params = (multihost_utils.process_allgather(state["params"], tiled=True) if jax.process_count() > 1
-            else jax.device_get(state["params"]))  # every host takes part in the gather
-  if lead:
-    checkpoint_lib.export_final(workdir, {n: (stages[n].graphdef, params[n]) for n in tuned},
-                                dict(info, steps=last_good))
-  writer.close()
-  print(f"done: {t.steps} steps; checkpoint, export/ and samples/ in {workdir}", flush=True)
+      _write_samples(config, models, state, emb, uncond, previews, workdir, done, mesh, t5)
   return state
 
 
-def _write_samples(models, state, cond, uncond, prompts, workdir, step, mesh, config):
-  params = {name: p for name, p in state["params"].items()}
+def _write_samples(config, models, state, emb, uncond, prompts, workdir, step, mesh, t5):
+  params = {name: p for name, p in state["params"].items() if name != methods.TOKENS}
+  rows = _learned_rows(state)
+  learned = [p for p in prompts if has_learned(models.tokenizer, p)]
+  table = {}
+  if learned:  # current rows, not cached: they change every step
+    e, m = embeddings.encode_prompts(t5, models.tokenizer, learned,
+                                     learned_rows=np.asarray(jax.device_get(rows)))
+    table = {p: embeddings.PromptEmbedding(e[i], m[i]) for i, p in enumerate(learned)}
   n = config.log.num_samples
-  rows = []
+  out = []
   for i, prompt in enumerate(prompts):
-    c = jax.tree.map(lambda x: x[i:i + 1], cond)
+    c = (embeddings.stack_embeddings(table, [prompt]) if prompt in table else emb([prompt]))
     images = models.cascade.sample(c, jax.random.key(1234 + i), uncond_embeddings=uncond,
                                    params=params, batch_size=n, mesh=None)
-    rows.append((prompt, images))
+    out.append((prompt, images))
   if jax.process_index() == 0:
-    metrics_writer.save_grid(os.path.join(workdir, "samples", f"step_{step:06d}.png"), rows)
+    metrics_writer.save_grid(os.path.join(workdir, "samples", f"step_{step:06d}.png"), out)
 
 
 def parse_flags(argv):

@@ -5,6 +5,10 @@ import os
 # Must be set before jax is imported anywhere: sharding tests use 8 fake devices.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Environment, not jax.config: subprocesses (CLI tests) inherit it, so they compile the
+# same programs as the tests in this process and hit the same persistent cache entries.
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
 import jax  # noqa: E402
 
@@ -58,3 +62,25 @@ def spiece_dir(tmp_path_factory) -> str:
   """A trained ~800-piece unigram spiece.model with T5's special ids (text_helpers.train_spiece)."""
   from text_helpers import train_spiece
   return train_spiece(tmp_path_factory.mktemp("spiece"))
+
+
+@pytest.fixture(scope="session")
+def full_run(tmp_path_factory):
+  """One tiny DreamBooth run (train_helpers.tiny_config, 4 steps, base+sr256 tuned), shared by
+  the train, sample and evaluate tests: (workdir, final state)."""
+  from train_helpers import tiny_config
+  from dreambooth_jax import train as train_lib
+  workdir = str(tmp_path_factory.mktemp("full"))
+  return workdir, train_lib.run(tiny_config(), workdir)
+
+
+@pytest.fixture(scope="session")
+def method_runs(tmp_path_factory):
+  """{method: workdir} of tiny textual-inversion and two-stage runs through the training CLI
+  (train_helpers.train_cli), shared by the method, evaluate and notebook tests."""
+  from train_helpers import LEARNED_METHODS, train_cli
+  out = {}
+  for method in LEARNED_METHODS:
+    out[method] = str(tmp_path_factory.mktemp(method))
+    train_cli(out[method], method)
+  return out

@@ -217,3 +217,52 @@ def test_encoder_is_not_kept_alive(tok, tmp_path, use_mesh):
   gc.collect()
   assert ref() is None
   assert table["a sks dog"].embeddings.shape == (77, TINY["d_model"])
+
+
+# -- learned tokens (textual inversion) ---------------------------------------------------------
+
+
+def test_learned_token_ids_and_rows(tok):
+  learned = tok.with_learned_tokens(["<rare>"])
+  ids = learned.encode("a photo of <rare> dog", add_eos=False)
+  assert ids == tok.encode("a photo of", add_eos=False) + [-1] + tok.encode("dog", add_eos=False)
+  assert learned.decode(ids) == "a photo of <rare> dog"
+  assert learned.vocab_size == tok.vocab_size  # T5's table does not grow
+  with pytest.raises(ValueError, match="learned token"):
+    tok.with_learned_tokens(["two words"])
+
+  model = _model()
+  with pytest.raises(ValueError, match="learned_rows"):
+    encode_prompts(model, learned, ["a photo of <rare> dog"])
+  # The row of a learned token is what the encoder reads at its position...
+  dog = tok.encode("dog", add_eos=False)
+  assert len(dog) == 1
+  rows = np.asarray(model.shared.embedding[...][dog[0]])[None]
+  via_row, _ = encode_prompts(model, learned, ["a photo of <rare>"], learned_rows=rows)
+  via_word, _ = encode_prompts(model, tok, ["a photo of dog"])
+  err = float(np.abs(via_row - via_word).max())
+  print(f"\nlearned row = word's row: max abs error {err:.3e}")
+  assert err < 1e-6
+  # ...and plain prompts ignore the rows.
+  plain, _ = encode_prompts(model, learned, ["a dog"], learned_rows=rows + 1)
+  np.testing.assert_array_equal(plain, encode_prompts(model, tok, ["a dog"])[0])
+
+
+def test_gradient_reaches_the_learned_row_only(tok):
+  from dreambooth_jax.embeddings import encode_with_learned
+  learned = tok.with_learned_tokens(["<rare>"])
+  model = _model()
+  graphdef, params = nnx.split(model)
+  t = learned(["a photo of <rare> dog"])
+  rows = jnp.ones((1, TINY["d_model"]), jnp.float32) * 0.1
+
+  def loss(rows, params):
+    out = encode_with_learned(nnx.merge(graphdef, params), rows, t["input_ids"], t["attention_mask"])
+    return jnp.sum(out ** 2)
+
+  g_rows, g_params = jax.grad(loss, argnums=(0, 1))(rows, params)
+  assert float(jnp.abs(g_rows).max()) > 0
+  # T5's own table gets gradient only at real tokens' ids, never through the learned id.
+  table_grad = np.asarray(g_params["shared"]["embedding"][...])
+  touched = set(np.nonzero(np.abs(table_grad).sum(-1))[0].tolist())
+  assert touched == {int(i) for i in t["input_ids"][0] if i >= 0}

@@ -2,7 +2,6 @@
 
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -15,30 +14,7 @@ from flax import nnx
 from dreambooth_jax import methods, pipeline, sharding
 from dreambooth_jax import train as train_lib
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from configs import imagen_dog  # noqa: E402
-
-
-def tiny_config(**overrides):
-  config = imagen_dog.get_config("tiny,runlocal")
-  config.mesh.data, config.mesh.fsdp = 2, 4
-  config.train.batch_size = config.train.prior_batch_size = 2
-  config.log.tensorboard = False
-  for key, value in overrides.items():
-    node = config
-    *head, leaf = key.split(".")
-    for h in head:
-      node = node[h]
-    node[leaf] = value
-  return config
-
-
-@pytest.fixture(scope="module")
-def full_run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("full"))
-  state = train_lib.run(tiny_config(), workdir)
-  return workdir, state
+from train_helpers import REPO, tiny_config
 
 
 def test_run_leaves_checkpoint_export_metrics_and_samples(full_run):

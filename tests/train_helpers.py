@@ -1,0 +1,44 @@
+"""Configs of the tiny training runs that several test files share."""
+
+import pathlib
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+  sys.path.insert(0, str(REPO))
+from configs import imagen_dog  # noqa: E402
+
+LEARNED_METHODS = ("textual_inversion", "ti_then_finetune")
+
+
+def set_path(config, key: str, value):
+  node = config
+  *head, leaf = key.split(".")
+  for h in head:
+    node = node[h]
+  node[leaf] = value
+
+
+def tiny_config(arg: str = "tiny,runlocal", **overrides):
+  """The tiny default at smoke sizes on a 2 (data) x 4 (fsdp) mesh of the 8 fake devices."""
+  config = imagen_dog.get_config(arg)
+  config.mesh.data, config.mesh.fsdp = 2, 4
+  config.train.batch_size = config.train.prior_batch_size = 2
+  config.log.tensorboard = False
+  for key, value in overrides.items():
+    set_path(config, key, value)
+  return config
+
+
+def train_cli(workdir: str, method: str) -> None:
+  """A 4-step tiny run of `method` through the training CLI (two-stage: 2 + 2 steps),
+  a checkpoint every step."""
+  import os
+  import subprocess
+  args = [sys.executable, "-m", "dreambooth_jax.train",
+          f"--config=configs/imagen_dog.py:method={method},runlocal", f"--workdir={workdir}",
+          "--config.checkpoint.every=1", "--config.checkpoint.keep=10",
+          "--config.checkpoint.async_save=False", "--config.log.tensorboard=False"]
+  r = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=900,
+                     env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert r.returncode == 0, f"{args}:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
