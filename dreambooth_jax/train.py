@@ -305,7 +305,7 @@ def run(config, workdir: str):
   for phase in all_phases[all_phases.index(phase):]:
     if int(state["step"]) >= phase.end and phase is not all_phases[-1]:
       continue  # a checkpoint at this phase's end: the next phase starts from it
-    if "params" in state and not _state_is_phase(state, phase):
+    if not _state_is_phase(state, phase):  # entering the next phase
       rows = _learned_rows(state)
       stages, tx, abstract, shardings = _abstract_state(config, models, mesh, rules, phase)
       state = _fresh_state(config, stages, tx, phase, shardings, rows=rows,
