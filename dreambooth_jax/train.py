@@ -121,7 +121,8 @@ def _place_state(state, mesh, rules):
   flat_params = {}
   for name, sh in param_sh.items():
     for path, leaf in jax.tree_util.tree_flatten_with_path(sh)[0]:
-      flat_params[(name,) + tuple(str(k) for k in path)] = leaf
+      # Keyed like the optimiser state's paths, where the stage is a DictKey too.
+      flat_params[(str(jax.tree_util.DictKey(name)),) + tuple(str(k) for k in path)] = leaf
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
   def opt_leaf(path, x):

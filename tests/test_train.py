@@ -17,6 +17,10 @@ from dreambooth_jax import train as train_lib
 from train_helpers import REPO, tiny_config
 
 
+# Shares the tiny trained workdirs (conftest session fixtures): one xdist worker.
+pytestmark = pytest.mark.xdist_group("workdirs")
+
+
 def test_run_leaves_checkpoint_export_metrics_and_samples(full_run):
   workdir, state = full_run
   names = set(os.listdir(workdir))
@@ -44,6 +48,13 @@ def test_params_sharded_as_the_rules_say(full_run):
   big = [v.get_value() for _, v in nnx.to_flat_state(state["params"]["base"])
          if v.get_value().size >= 4096]
   assert any("fsdp" in jax.tree.leaves(tuple(a.sharding.spec)) for a in big)
+  # Adam's moments are sharded exactly like the params they mirror (not replicated).
+  adam = [s for s in jax.tree.leaves(state["opt_state"], is_leaf=lambda x: hasattr(x, "mu"))
+          if hasattr(s, "mu")]
+  assert adam
+  for moment in (adam[0].mu, adam[0].nu):
+    for p, m in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(moment)):
+      assert p.sharding.spec == m.sharding.spec, (p.shape, p.sharding.spec, m.sharding.spec)
 
 
 def test_resume_reaches_the_same_params_bitwise(full_run, tmp_path):
