@@ -1,0 +1,413 @@
+r"""TPUv4 memory and time plan for full-size IF fine-tuning, from CPU ahead-of-time compiles.
+
+  python experiments/plan_tpu.py                                   # IF-I-XL + IF-II-L step, v4-8
+  python experiments/plan_tpu.py --model=if-i-xl --mesh=v4-32 --param_dtype=bfloat16 --no-remat
+  python experiments/plan_tpu.py --model=t5 --what=encode          # T5-XXL embedding pass
+  python experiments/plan_tpu.py --model=if-i-xl --what=sample     # one guided prior-sampling step
+  python experiments/plan_tpu.py --tiny --json=/tmp/plan.json      # tiny models, 4 devices (test)
+
+Nothing is allocated: every parameter, optimiser leaf and input is a
+`ShapeDtypeStruct` carrying the sharding `dreambooth_jax.train` would give it,
+and `jax.jit(...).lower(...).compile()` runs on fake CPU devices
+(`--xla_force_host_platform_device_count`, set before jax is imported) laid out
+like a TPUv4 slice: v4-8 = 4 chips, v4-32 = 16 chips, 32 GiB HBM each.
+
+What is compiled (`--what`):
+  train   the trainer's own step (`methods.make_train_step`), state and shardings from
+          `train._abstract_state`, batch laid out as `train._train_phase` builds it
+          (micro-batch axis, batch axis over the data axes when it divides), state donated;
+  encode  `embeddings._encode`, the T5 v1.1 XXL pass over a padded 77-token batch;
+  sample  one classifier-free-guided UNet call (`samplers.guided_output`, batch 2x) on the
+          class-prior batch, as `priors` / `Cascade.sample` run it, frozen params.
+
+Reported numbers come from the compiled object:
+  * param bytes / device: each parameter's shard shape under `compiled.input_shardings`;
+  * peak / device = argument + output - alias + temp bytes of `compiled.memory_analysis()`
+    (the SPMD-partitioned module is one device's program, so these are per device);
+  * FLOPs: `compiled.cost_analysis()` is also per device (per partition); the script checks
+    it against the unpartitioned `lowered.cost_analysis()` and prints both.
+Projected time = FLOPs per device / (MFU x 275 TFLOP/s), TPUv4's bf16 peak per chip. The
+FLOPs are the ones the compiled program executes, so rematerialised forwards count.
+
+Caveats: XLA:CPU is not XLA:TPU. Its fusion and buffer assignment differ, and it computes
+some bfloat16 ops in float32 (extra converted copies in `temp`), so peaks are an estimate
+(usually pessimistic on activations, exact on arguments). Allow ~1-2 GiB of HBM for the
+runtime and program. The compile of a full-size step takes minutes and several GiB of RAM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+SLICES = {"v4-8": 4, "v4-32": 16}  # chips per slice (each chip is one JAX device)
+HBM_GIB = 32.0
+PEAK_FLOPS = 275e12  # TPUv4 bf16 dense peak per chip
+GIB = 1024 ** 3
+MODELS = ("if-i-xl", "if-ii-l", "both", "t5")
+STAGE_OF = {"if-i-xl": ("base",), "if-ii-l": ("sr256",), "both": ("base", "sr256")}
+TEXT_LEN = 77  # IF's T5 max length
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--model", choices=MODELS, default="both",
+                 help="if-i-xl (base, 64 px), if-ii-l (sr256, 256 px), both (tuned together), t5")
+  p.add_argument("--what", default="train", help="comma list of train, encode, sample")
+  p.add_argument("--mesh", choices=tuple(SLICES), default="v4-8")
+  p.add_argument("--layout", default="fsdp",
+                 help="fsdp (all chips on fsdp, the config default), data (all on data: "
+                      "replicated params), or explicit 'data=1,fsdp=2,tensor=2'")
+  p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
+                 help="rematerialise UNet blocks (default: the config's, on)")
+  p.add_argument("--param_dtype", choices=("float32", "bfloat16"), default=None,
+                 help="master weights and Adam moments (default: the config's, float32)")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                 help="compute dtype (default: the config's, bfloat16)")
+  p.add_argument("--batch", type=int, default=4, help="instance images per step")
+  p.add_argument("--prior_batch", type=int, default=4, help="class-prior images per step")
+  p.add_argument("--sample_batch", type=int, default=None,
+                 help="images per prior-sampling call (default: config.prior.batch_size, 16)")
+  p.add_argument("--encode_batch", type=int, default=8, help="prompts per T5 call (rounded up)")
+  p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation")
+  p.add_argument("--steps", type=int, default=1000, help="steps for the projected run time")
+  p.add_argument("--tiny", action="store_true",
+                 help="tiny UNet/T5 configs of the same architectures (the test; seconds)")
+  p.add_argument("--devices", type=int, default=None,
+                 help="fake devices (default: the slice's chips; --tiny: 4)")
+  p.add_argument("--configs", default=None,
+                 help="reference_configs folder (default $DREAMBOOTH_REFERENCE_CONFIGS or "
+                      "../shared/reference_configs)")
+  p.add_argument("--json", default=None, help="also write the rows here")
+  args = p.parse_args(argv)
+  args.what = tuple(w.strip() for w in args.what.split(",") if w.strip())
+  bad = set(args.what) - {"train", "encode", "sample"}
+  if bad:
+    p.error(f"--what: unknown {sorted(bad)}")
+  if args.model == "t5":
+    args.what = ("encode",)
+  if args.devices is None:
+    args.devices = 4 if args.tiny else SLICES[args.mesh]
+  return args
+
+
+if __name__ == "__main__":
+  # Fake devices must be requested before jax is imported (and only for our own process).
+  _ARGS = parse_args()
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             f" --xla_force_host_platform_device_count={_ARGS.devices}").strip()
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import math  # noqa: E402
+import pathlib  # noqa: E402
+import types  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from configs import imagen_dog  # noqa: E402
+from dreambooth_jax import cascade as cascade_lib  # noqa: E402
+from dreambooth_jax import embeddings, methods, pipeline, samplers, sharding  # noqa: E402
+from dreambooth_jax import train as train_lib  # noqa: E402
+from dreambooth_jax.models import t5 as t5_lib  # noqa: E402
+from dreambooth_jax.models import unet as unet_lib  # noqa: E402
+from dreambooth_jax.weights.t5 import abstract_t5_encoder  # noqa: E402
+
+
+# ----------------------------------------------------------------------------
+# Config, mesh and abstract models
+# ----------------------------------------------------------------------------
+
+def reference_configs_dir(args) -> pathlib.Path:
+  value = args.configs or os.environ.get("DREAMBOOTH_REFERENCE_CONFIGS")
+  return pathlib.Path(value) if value else ROOT.parent / "shared" / "reference_configs"
+
+
+def make_config(args):
+  """The `if` config (the `tiny` one with --tiny) with this run's overrides."""
+  config = imagen_dog.get_config("tiny" if args.tiny else "if")
+  m = config.model
+  m.remat = m.remat if args.remat is None else args.remat
+  m.param_dtype = args.param_dtype or m.param_dtype
+  m.dtype = args.dtype or m.dtype
+  if args.tiny:  # the tiny config computes in float32; plan the TPU precision anyway
+    m.dtype = args.dtype or "bfloat16"
+  config.train.batch_size, config.train.prior_batch_size = args.batch, args.prior_batch
+  config.stages = "+".join(STAGE_OF.get(args.model, ("base",)))
+  return config
+
+
+def mesh_shape(layout: str) -> dict:
+  if layout == "fsdp":
+    return {"data": 1, "fsdp": -1, "tensor": 1}
+  if layout == "data":
+    return {"data": -1, "fsdp": 1, "tensor": 1}
+  out = {}
+  for part in layout.split(","):
+    k, v = part.split("=")
+    out[k.strip()] = int(v)
+  return out
+
+
+def tiny_unet_config(name: str, width: int) -> unet_lib.UNetConfig:
+  """IF-I / IF-II features (added-KV attention, text pooling, scale-shift, SR class embedding)
+  in one 32-channel level: the smallest graph that still has them, so the test compiles fast."""
+  d = dict(in_channels=3, out_channels=6, block_out_channels=[32], layers_per_block=1,
+           down_block_types=["SimpleCrossAttnDownBlock2D"],
+           up_block_types=["SimpleCrossAttnUpBlock2D"], attention_head_dim=16,
+           cross_attention_dim=32, encoder_hid_dim=width, addition_embed_type="text",
+           addition_embed_type_num_heads=2, act_fn="gelu", norm_num_groups=4,
+           resnet_time_scale_shift="scale_shift", cross_attention_norm="group_norm")
+  if name != "base":
+    d.update(in_channels=6, class_embed_type="timestep", resnet_skip_time_act=True)
+  return unet_lib.UNetConfig.from_diffusers(d, source=f"plan tiny {name}")
+
+
+def unet_config(args, config, name: str) -> unet_lib.UNetConfig:
+  if args.tiny:
+    return tiny_unet_config(name, config.tiny.t5_d_model)
+  file = {"base": "if_i_xl_unet.json", "sr256": "if_ii_l_unet.json"}[name]
+  with open(reference_configs_dir(args) / file) as f:
+    d = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+  return unet_lib.UNetConfig.from_diffusers(d, source=file)
+
+
+def abstract_stage(args, config, name: str) -> cascade_lib.Stage:
+  """The stage `pipeline.build` makes, on a ShapeDtypeStruct UNet (nothing allocated)."""
+  m = config.model
+  unet = unet_lib.abstract_unet(unet_config(args, config, name), dtype=jnp.dtype(m.dtype),
+                                param_dtype=jnp.dtype(m.param_dtype), remat=m.remat)
+  s = config.cascade[name]
+  settings = cascade_lib.StageSettings(
+      resolution=s.resolution, guidance_scale=s.guidance_scale, num_steps=s.num_steps,
+      sampler=s.sampler, sample_aug_level=s.sample_aug_level, train_aug_level=s.train_aug_level)
+  low = None if name == "base" else config.cascade.base.resolution
+  return cascade_lib.Stage(name, unet, settings, scheduler_config=pipeline.SCHEDULERS[name],
+                           lowres_resolution=low)
+
+
+def t5_config(args, config) -> t5_lib.T5Config:
+  if args.tiny:
+    tok = pipeline._tokenizer(config)
+    return pipeline.tiny_t5_config(config, tok)
+  return reference_configs_dir(args) / "t5_v1_1_xxl.json"
+
+
+def text_width(args, config) -> int:
+  cfg = t5_config(args, config)
+  if isinstance(cfg, t5_lib.T5Config):
+    return cfg.d_model
+  with open(cfg) as f:
+    return int(json.load(f)["d_model"])
+
+
+def models_stand_in(stages: dict, width: int):
+  """What `train._abstract_state` reads of `pipeline.Models`, without loading anything."""
+  return types.SimpleNamespace(cascade=types.SimpleNamespace(by_name=stages), tuned=tuple(stages),
+                               tokenizer=types.SimpleNamespace(learned_tokens=()), t5_width=width)
+
+
+def with_sharding(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+# ----------------------------------------------------------------------------
+# The three programs, lowered on abstract arguments
+# ----------------------------------------------------------------------------
+
+def lower_train(args, config, mesh, rules):
+  """The trainer's jitted step on the trainer's abstract state and batch layout."""
+  width = text_width(args, config)
+  stages = {n: abstract_stage(args, config, n) for n in STAGE_OF[args.model]}
+  _, tx, abstract, shardings = train_lib._abstract_state(config, models_stand_in(stages, width),
+                                                         mesh, rules)
+  t, accum = config.train, config.train.grad_accum
+  n_data = mesh.shape["data"] * mesh.shape["fsdp"]
+  split = t.batch_size % n_data == 0 and t.prior_batch_size % n_data == 0
+  replicated = NamedSharding(mesh, P())
+  batch, batch_sh = {}, {}
+  for name, stage in stages.items():
+    r = stage.settings.resolution
+    batch[name] = {"instance": jax.ShapeDtypeStruct((accum, t.batch_size, r, r, 3), jnp.float32),
+                   "prior": jax.ShapeDtypeStruct((accum, t.prior_batch_size, r, r, 3), jnp.float32)}
+    batch_sh[name] = jax.tree.map(
+        lambda x: train_lib._batch_spec(mesh, x.shape[1], x.ndim) if split else replicated,
+        batch[name])
+  prompt = lambda: {"text": jax.ShapeDtypeStruct((accum, 1, TEXT_LEN, width), jnp.float32),
+                    "mask": jax.ShapeDtypeStruct((accum, 1, TEXT_LEN), jnp.int32)}
+  batch["text"] = {"instance": prompt(), "class": prompt()}
+  batch_sh["text"] = jax.tree.map(lambda _: replicated, batch["text"])
+  step = jax.jit(methods.make_train_step(stages, tx, config.prior.weight),
+                 in_shardings=(shardings, batch_sh), out_shardings=(shardings, None),
+                 donate_argnums=(0,))
+  state = train_lib._with_shardings(abstract, shardings)
+  desc = (f"{'+'.join(stages)} train {t.batch_size}+{t.prior_batch_size} img "
+          f"({'batch split' if split else 'batch replicated'})")
+  return step.lower(state, with_sharding(batch, batch_sh)), state["params"], desc
+
+
+def lower_encode(args, config, mesh, rules):
+  """`embeddings._encode` on T5 with sharded params, as `encode_prompts` places them."""
+  dtype = jnp.dtype(config.model.t5_dtype)
+  t5 = (nnx.eval_shape(lambda: t5_lib.T5EncoderModel(t5_config(args, config), dtype=dtype,
+                                                     param_dtype=dtype, rngs=nnx.Rngs(0)))
+        if args.tiny else abstract_t5_encoder(t5_config(args, config), dtype))
+  graphdef, params = nnx.split(t5)
+  params = with_sharding(params, sharding.param_shardings(params, mesh, rules))
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  b = -(-args.encode_batch // shards) * shards
+  batch_sh = sharding.batch_sharding(mesh, 2)
+  ids = jax.ShapeDtypeStruct((b, TEXT_LEN), jnp.int32, sharding=batch_sh)
+  lowered = embeddings._encode.lower(params, None, ids, ids, graphdef=graphdef, mesh=mesh)
+  return lowered, params, f"t5 encode {b}x{TEXT_LEN} ({config.model.t5_dtype})"
+
+
+def lower_sample(args, config, mesh, rules):
+  """One guided denoising call per stage, on the class-prior sampling batch."""
+  width = text_width(args, config)
+  b = args.sample_batch or config.prior.batch_size
+  batch_sh = lambda ndim: sharding.batch_sharding(mesh, ndim)
+  stages = {n: abstract_stage(args, config, n) for n in STAGE_OF[args.model]}
+  params = {n: with_sharding(s.params, sharding.param_shardings(s.params, mesh, rules))
+            for n, s in stages.items()}
+  inputs = {}
+  for name, s in stages.items():
+    r = s.settings.resolution
+    prompt = {"text": jax.ShapeDtypeStruct((b, TEXT_LEN, width), jnp.float32,
+                                           sharding=batch_sh(3)),
+              "mask": jax.ShapeDtypeStruct((b, TEXT_LEN), jnp.int32, sharding=batch_sh(2))}
+    if s.is_sr:  # the low-res image and its augmentation level ride in the conditioning
+      prompt["lowres"] = jax.ShapeDtypeStruct((b, r, r, s.channels), jnp.float32,
+                                              sharding=batch_sh(4))
+      prompt["aug"] = jax.ShapeDtypeStruct((b,), jnp.float32, sharding=batch_sh(1))
+    inputs[name] = dict(x=jax.ShapeDtypeStruct((b, r, r, s.channels), jnp.float32,
+                                               sharding=batch_sh(4)),
+                        cond=prompt, uncond=prompt)
+
+  def guided(params, inputs, t):
+    return {n: samplers.guided_output(lambda x, tt, c: s.apply(params[n], x, tt, c),
+                                      inputs[n]["x"], t, inputs[n]["cond"], inputs[n]["uncond"],
+                                      s.settings.guidance_scale)
+            for n, s in stages.items()}
+
+  lowered = jax.jit(guided).lower(params, inputs, jax.ShapeDtypeStruct((), jnp.float32))
+  return lowered, params, f"{'+'.join(stages)} sample step CFG {b}x2 img"
+
+
+# ----------------------------------------------------------------------------
+# Numbers from the compiled object
+# ----------------------------------------------------------------------------
+
+def _cost(obj) -> dict:
+  cost = obj.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per partition/program
+    cost = cost[0] if cost else {}
+  return dict(cost or {})
+
+
+def shard_bytes(x, sh) -> int:
+  """Bytes of one device's shard of `x` under sharding `sh`."""
+  return math.prod(sh.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+
+
+def param_bytes_per_device(params, compiled, argnum: int = 0, key=None) -> int:
+  """Parameter bytes on one device, from the compiled program's input shardings."""
+  in_sh = compiled.input_shardings[0][argnum]
+  if key is not None:
+    in_sh = in_sh[key]
+  return sum(shard_bytes(x, s) for x, s in zip(jax.tree.leaves(params), jax.tree.leaves(in_sh)))
+
+
+def analyse(kind, lowered, params, desc, args, mesh, config) -> dict:
+  t0 = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  n_dev = mesh.devices.size
+  flops_dev = float(_cost(compiled).get("flops", 0.0))
+  flops_global = float(_cost(lowered).get("flops", 0.0))
+  key = "params" if kind == "train" else None
+  p_bytes = param_bytes_per_device(params, compiled, key=key)
+  peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+          + mem.temp_size_in_bytes)
+  step_s = flops_dev / (args.mfu * PEAK_FLOPS)
+  m = config.model
+  row = dict(
+      what=kind, desc=desc, mesh=args.mesh if not args.tiny else f"{n_dev} cpu",
+      mesh_shape=dict(mesh.shape), devices=n_dev,
+      param_dtype=m.param_dtype if kind != "encode" else m.t5_dtype,
+      dtype=m.dtype if kind != "encode" else m.t5_dtype, remat=bool(m.remat) and kind == "train",
+      params=int(sum(math.prod(x.shape) for x in jax.tree.leaves(params))),
+      param_bytes_per_device=int(p_bytes),
+      argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
+      alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
+      peak_bytes_per_device=int(peak), fits=bool(peak < HBM_GIB * GIB),
+      flops_per_device=flops_dev, flops_unpartitioned=flops_global,
+      flops_per_step_total=flops_dev * n_dev, mfu=args.mfu, step_s=step_s,
+      run_s=step_s * args.steps, run_steps=args.steps, compile_s=compile_s)
+  if kind == "sample":  # a whole prior set: images / batch calls per denoising step
+    b = args.sample_batch or config.prior.batch_size
+    steps = sum(config.cascade[n].num_steps for n in STAGE_OF[args.model])
+    row["prior_set_s"] = step_s * steps * math.ceil(config.prior.num_images / b)
+  return row
+
+
+def format_row(r: dict) -> str:
+  gib = lambda b: f"{b / GIB:7.2f}"
+  extra = (f"; {r['run_steps']} steps {r['run_s'] / 60:.1f} min" if r["what"] == "train" else
+           f"; prior set {r['prior_set_s'] / 60:.1f} min" if "prior_set_s" in r else "")
+  return (f"{r['desc']:<52} {r['mesh']:>6} {str(r['mesh_shape']):<36} "
+          f"p={r['param_dtype'][:4]} c={r['dtype'][:4]} remat={'y' if r['remat'] else 'n'} | "
+          f"{r['params'] / 1e9:6.3f}B params {gib(r['param_bytes_per_device'])} GiB/dev | "
+          f"peak {gib(r['peak_bytes_per_device'])} GiB/dev "
+          f"(arg {r['argument_bytes'] / GIB:.2f} temp {r['temp_bytes'] / GIB:.2f}) "
+          f"{'FITS' if r['fits'] else 'DOES NOT FIT'} 32 GiB | "
+          f"{r['flops_per_device'] / 1e12:8.2f} TFLOP/dev/step "
+          f"({r['flops_unpartitioned'] / 1e12:.2f} unpartitioned) | "
+          f"{r['step_s'] * 1e3:8.1f} ms/step @ {r['mfu']:.0%} MFU{extra} | "
+          f"compile {r['compile_s']:.0f} s")
+
+
+def plan(args) -> list[dict]:
+  config = make_config(args)
+  devices = jax.devices()[:args.devices]
+  mesh = sharding.make_mesh(mesh_shape(args.layout), devices=devices)
+  rules = train_lib._rules(config)
+  lower = dict(train=lower_train, encode=lower_encode, sample=lower_sample)
+  rows = []
+  for kind in args.what:
+    t0 = time.perf_counter()
+    lowered, params, desc = lower[kind](args, config, mesh, rules)
+    lower_s = time.perf_counter() - t0
+    row = analyse(kind, lowered, params, desc, args, mesh, config)
+    row["lower_s"] = lower_s
+    rows.append(row)
+    print(format_row(row), flush=True)
+  return rows
+
+
+def main(argv=None) -> list[dict]:
+  args = parse_args(argv)
+  if len(jax.devices()) < args.devices:
+    raise SystemExit(f"need {args.devices} devices, have {len(jax.devices())}: run as a script "
+                     "(it sets --xla_force_host_platform_device_count) or set XLA_FLAGS")
+  print(f"# TPUv4 plan: {HBM_GIB:.0f} GiB HBM, {PEAK_FLOPS / 1e12:.0f} TFLOP/s bf16 per chip; "
+        f"memory and FLOPs per device (XLA:CPU SPMD, partitioned module); time at "
+        f"{args.mfu:.0%} MFU", flush=True)
+  rows = plan(args)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(rows, f, indent=1)
+  return rows
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

@@ -1,0 +1,58 @@
+"""experiments/plan_tpu.py in its reduced mode: real AOT compiles of the trainer's step, tiny models.
+
+The per-device parameter bytes the plan reports (read from the compiled
+program's input shardings) must equal the arithmetic from the parameter shapes
+and the logical sharding rules: each tensor's bytes divided by the sizes of
+the mesh axes it is split over, replicated tensors counted whole.
+"""
+
+import math
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dreambooth_jax import sharding
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments"))
+import plan_tpu  # noqa: E402
+
+
+def _expected_bytes(params, mesh, rules) -> tuple[int, int]:
+  """(bytes on one device, bytes in all) from shapes and the logical rules alone."""
+  specs = jax.tree.leaves(sharding.param_specs(params, mesh, rules),
+                          is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  per_device = total = 0
+  for x, spec in zip(jax.tree.leaves(params), specs):
+    nbytes = math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+    axes = [a for entry in spec if entry is not None
+            for a in (entry if isinstance(entry, tuple) else (entry,))]
+    split = math.prod(mesh.shape[a] for a in axes)
+    assert nbytes % split == 0
+    per_device += nbytes // split
+    total += nbytes
+  return per_device, total
+
+
+def test_train_plan_param_bytes_match_the_arithmetic(capsys):
+  args = plan_tpu.parse_args(["--tiny", "--model=if-i-xl", "--what=train", "--batch=1",
+                              "--prior_batch=1"])
+  config = plan_tpu.make_config(args)
+  mesh = sharding.make_mesh(plan_tpu.mesh_shape("fsdp"), devices=jax.devices()[:args.devices])
+  rules = plan_tpu.train_lib._rules(config)
+  lowered, params, desc = plan_tpu.lower_train(args, config, mesh, rules)
+  row = plan_tpu.analyse("train", lowered, params, desc, args, mesh, config)
+  print(plan_tpu.format_row(row))
+  per_device, total = _expected_bytes(params, mesh, rules)
+  print(f"param bytes/device: plan {row['param_bytes_per_device']}, arithmetic {per_device} "
+        f"(of {total} in all, {mesh.devices.size} devices)")
+  assert row["param_bytes_per_device"] == per_device
+  assert per_device < total  # something is sharded over fsdp
+  assert row["params"] * np.dtype(config.model.param_dtype).itemsize == total
+  for key in ("argument_bytes", "temp_bytes", "peak_bytes_per_device", "flops_per_device"):
+    assert row[key] > 0, key
+  assert row["peak_bytes_per_device"] >= row["param_bytes_per_device"]
+  # Arguments hold at least params + Adam's two moments, all sharded like the params.
+  assert row["argument_bytes"] >= 3 * per_device
