@@ -28,16 +28,24 @@ setup(
         "safetensors",
         "tqdm",
         "tensorboardX",
+        # CLIP's BPE tokenizer for the evaluation (CLIP-T); imports without torch.
+        "transformers>=5.0",
     ],
     extras_require={
         # The PyTorch references our parity tests compare against. The runtime
         # never imports them.
         "test": [
             "pytest",
+            "pytest-xdist",
             "torch==2.13.0",
             "diffusers>=0.42",
-            "transformers>=5.0",
             "protobuf",
+            # Notebooks are executed by the tests.
+            "nbclient",
+            "nbformat",
+            "ipykernel",
+            # The LPIPS reference (lpips==0.1.4) is installed with --no-deps (see README):
+            # its torchvision requirement would replace the CPU torch with a CUDA build.
         ],
     },
 )
