@@ -172,14 +172,14 @@ def _padded_batches(x: np.ndarray, batch: int):
 
 
 def _pure(model: nnx.Module, method: str):
-  """A jitted pure function (state, *args) of `model.method`: split once, no graph walks per call."""
+  """A jitted pure function of `model.method`: split once, no graph walks per call."""
   graphdef, state = nnx.split(model)
   fn = jax.jit(lambda s, *a: getattr(nnx.merge(graphdef, s), method)(*a).astype(jnp.float32))
   return lambda *a: fn(state, *a)
 
 
 class Encoders:
-  """DINO, CLIP (+ tokenizer) and LPIPS, turning uint8 images and prompts into the metrics' inputs."""
+  """DINO, CLIP (+ tokenizer) and LPIPS: uint8 images and prompts -> the metrics' inputs."""
 
   def __init__(self, dino: nnx.Module, clip: nnx.Module, tokenizer, lpips, *, batch: int = 32):
     self.batch = batch

@@ -24,6 +24,10 @@ from train_helpers import LEARNED_METHODS as LEARNED
 from train_helpers import REPO
 
 
+# Shares the tiny trained workdirs (conftest session fixtures): one xdist worker.
+pytestmark = pytest.mark.xdist_group("workdirs")
+
+
 def _cli(module, *args):
   r = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
                      timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))

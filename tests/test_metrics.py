@@ -63,7 +63,7 @@ def test_div_counts_pairs_within_each_prompt_only():
   mean, per_group, pairs = metrics.diversity(distance, groups)
   assert pairs == 1 + 3 + 6 and calls == [1, 3, 6]
   assert per_group == pytest.approx([1.0, (1 + 3 + 2) / 3, 0.0])
-  assert mean == pytest.approx((1.0 + 2.0 + 0.0) / 3)  # mean of per-prompt means, never cross-prompt
+  assert mean == pytest.approx((1.0 + 2.0 + 0.0) / 3)  # mean of per-prompt means, no cross pairs
   with pytest.raises(ValueError, match="at least 2"):
     metrics.diversity(distance, [np.array([1.0])])
 
