@@ -124,6 +124,25 @@ def param_shardings(state: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
                       is_leaf=lambda x: isinstance(x, P))
 
 
+def constrain_batch(x: jax.Array) -> jax.Array:
+  """Pins an activation's leading (batch) axis to the data-parallel axes of the mesh
+  set by `jax.set_mesh`; a no-op without one or when the batch does not divide.
+
+  Fully sharded weights leave XLA's sharding propagation a choice: gather the weights,
+  or follow their sharding into the activations. Left alone it took the second on
+  fsdp meshes and all-reduced every attention score matrix; pinning the batch at
+  block boundaries makes it gather weights (FSDP as intended).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  axes = tuple(a for a in ("data", "fsdp") if mesh.shape.get(a, 1) > 1)
+  n = math.prod(mesh.shape[a] for a in axes)
+  if not axes or x.shape[0] % n:
+    return x
+  return jax.lax.with_sharding_constraint(x, P(axes, *([None] * (x.ndim - 1))))
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   """Leading dimension over the data-parallel axes, everything else replicated."""
   data_axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1) or None

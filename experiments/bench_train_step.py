@@ -168,7 +168,8 @@ def build_ours(args, config, models, host):
   if args.compile_only:
     abstract_batch = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                   batch, batch_sh)
-    lowered = step_fn.lower(train_lib._with_shardings(abstract, shardings), abstract_batch)
+    with jax.set_mesh(mesh):  # as the trainer traces it
+      lowered = step_fn.lower(train_lib._with_shardings(abstract, shardings), abstract_batch)
     t_lower = time.perf_counter() - t0
     compiled = lowered.compile()
     return dict(compiled=compiled, lower_s=t_lower, compile_s=time.perf_counter() - t0,
@@ -181,7 +182,8 @@ def build_ours(args, config, models, host):
                rng=jax.jit(lambda: jax.random.key(config.seed), out_shardings=shardings["rng"])())
   batch = jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s, x), batch, batch_sh)
   t0 = time.perf_counter()
-  compiled = step_fn.lower(state, batch).compile()
+  with jax.set_mesh(mesh):  # as the trainer traces it
+    compiled = step_fn.lower(state, batch).compile()
   return dict(compiled=compiled, compile_s=time.perf_counter() - t0, state=state, batch=batch,
               mesh=mesh, stages=stages)
 

@@ -29,10 +29,15 @@ Reported numbers come from the compiled object:
 Projected time = FLOPs per device / (MFU x 275 TFLOP/s), TPUv4's bf16 peak per chip. The
 FLOPs are the ones the compiled program executes, so rematerialised forwards count.
 
-Caveats: XLA:CPU is not XLA:TPU. Its fusion and buffer assignment differ, and it computes
-some bfloat16 ops in float32 (extra converted copies in `temp`), so peaks are an estimate
-(usually pessimistic on activations, exact on arguments). Allow ~1-2 GiB of HBM for the
-runtime and program. The compile of a full-size step takes minutes and several GiB of RAM.
+The program is traced as a TPU would run it: attention without the CPU backend's query
+chunks, the mesh set (`jax.set_mesh`) so the UNets pin activations to the batch axes,
+and XLA:CPU's memory-minimising scheduler instead of its concurrency-optimised default.
+
+Caveats: XLA:CPU is not XLA:TPU. Its fusion and buffer assignment differ, it computes
+bfloat16 ops in float32 (extra converted copies in `temp`), all-reduces gradients where a
+TPU reduce-scatters, and copies donated state it could update in place, so peaks are an
+estimate (pessimistic on temp, exact on arguments). Allow ~1-2 GiB of HBM for the runtime
+and program. The compile of a full-size step takes minutes and several GiB of RAM.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
@@ -97,8 +103,12 @@ def parse_args(argv=None):
 if __name__ == "__main__":
   # Fake devices must be requested before jax is imported (and only for our own process).
   _ARGS = parse_args()
+  # XLA:CPU's default scheduler favours concurrency: it hoisted every FSDP all-gather
+  # to the start of the step, holding all gathered weights at once (IF-I-XL: 49.9
+  # GiB/chip instead of 27.9). TPU's scheduler is memory-aware; so is this one.
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             f" --xla_force_host_platform_device_count={_ARGS.devices}").strip()
+                             f" --xla_force_host_platform_device_count={_ARGS.devices}"
+                             " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import math  # noqa: E402
@@ -326,6 +336,20 @@ def param_bytes_per_device(params, compiled, argnum: int = 0, key=None) -> int:
   return sum(shard_bytes(x, s) for x, s in zip(jax.tree.leaves(params), jax.tree.leaves(in_sh)))
 
 
+_COLLECTIVE = re.compile(r"= ([a-z0-9]+)\[([0-9,]*)\][^ ]* (all-reduce|reduce-scatter)(-start)?\(")
+
+
+def largest_reduction(hlo_text: str) -> int:
+  """Elements of the largest all-reduce / reduce-scatter result in a compiled module.
+
+  With FSDP done right these are gradient reductions, no larger than a parameter;
+  an activation-sized one (an attention score matrix, say) means the partitioner
+  split a contraction over the weights' axis instead of gathering the weights.
+  """
+  return max((math.prod(int(d) for d in m.group(2).split(",") if d)
+              for m in _COLLECTIVE.finditer(hlo_text)), default=0)
+
+
 def analyse(kind, lowered, params, desc, args, mesh, config) -> dict:
   t0 = time.perf_counter()
   compiled = lowered.compile()
@@ -352,10 +376,14 @@ def analyse(kind, lowered, params, desc, args, mesh, config) -> dict:
       peak_bytes_per_device=int(peak), fits=bool(peak < HBM_GIB * GIB),
       flops_per_device=flops_dev, flops_unpartitioned=flops_global,
       flops_per_step_total=flops_dev * n_dev, mfu=args.mfu, step_s=step_s,
-      run_s=step_s * args.steps, run_steps=args.steps, compile_s=compile_s)
-  if kind == "sample":  # a whole prior set: images / batch calls per denoising step
+      run_s=step_s * args.steps, run_steps=args.steps, compile_s=compile_s,
+      largest_reduction=largest_reduction(compiled.as_text()),
+      largest_param=max(math.prod(x.shape) for x in jax.tree.leaves(params)))
+  if kind == "sample" and len(STAGE_OF[args.model]) == 1:
+    # A whole prior set: batch calls x this stage's denoising steps. (With --model=both
+    # one call runs both UNets, but the stages take different numbers of steps.)
     b = args.sample_batch or config.prior.batch_size
-    steps = sum(config.cascade[n].num_steps for n in STAGE_OF[args.model])
+    steps = config.cascade[STAGE_OF[args.model][0]].num_steps
     row["prior_set_s"] = step_s * steps * math.ceil(config.prior.num_images / b)
   return row
 
@@ -376,16 +404,30 @@ def format_row(r: dict) -> str:
           f"compile {r['compile_s']:.0f} s")
 
 
+LOWER = dict(train=lower_train, encode=lower_encode, sample=lower_sample)
+
+
+def lower(kind: str, args, config, mesh, rules):
+  """(lowered, params, description) of `kind`, traced as the TPU program would be."""
+  # Attention as a TPU runs it: the CPU backend's query chunking (a lax.map whose
+  # backward keeps every chunk's probabilities) is not part of the TPU program.
+  unet_lib.CHUNK_QUERIES = False
+  try:
+    with jax.set_mesh(mesh):  # as the trainer traces: UNets pin activations' batch axis
+      return LOWER[kind](args, config, mesh, rules)
+  finally:
+    unet_lib.CHUNK_QUERIES = None
+
+
 def plan(args) -> list[dict]:
   config = make_config(args)
   devices = jax.devices()[:args.devices]
   mesh = sharding.make_mesh(mesh_shape(args.layout), devices=devices)
   rules = train_lib._rules(config)
-  lower = dict(train=lower_train, encode=lower_encode, sample=lower_sample)
   rows = []
   for kind in args.what:
     t0 = time.perf_counter()
-    lowered, params, desc = lower[kind](args, config, mesh, rules)
+    lowered, params, desc = lower(kind, args, config, mesh, rules)
     lower_s = time.perf_counter() - t0
     row = analyse(kind, lowered, params, desc, args, mesh, config)
     row["lower_s"] = lower_s

@@ -220,3 +220,22 @@ def test_query_chunked_attention_matches_plain():
   p = np.exp(s - s.max(-1, keepdims=True))
   want = np.einsum("bhqk,bkhd->bqhd", p / p.sum(-1, keepdims=True), v).reshape(2, 1024, 16)
   np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_chunk_switch_and_batch_pinning():
+  """CHUNK_QUERIES=False plans the TPU program on CPU; constrain_batch pins only under a mesh."""
+  unet_lib.CHUNK_QUERIES = False
+  try:
+    assert unet_lib._query_chunk(1024, 1031) is None
+  finally:
+    unet_lib.CHUNK_QUERIES = None
+  assert unet_lib._query_chunk(1024, 1031) == 32
+
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+  f = jax.jit(lambda x: sharding.constrain_batch(x) * 2.0,
+              in_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  x = jnp.ones((8, 3))
+  assert f(x).sharding.spec == jax.sharding.PartitionSpec()  # no mesh set: untouched
+  with jax.set_mesh(mesh):
+    assert f(x).sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))
+    assert f(jnp.ones((6, 3))).sharding.spec == jax.sharding.PartitionSpec()  # 6 % 8: untouched

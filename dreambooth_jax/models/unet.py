@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dreambooth_jax import sharding
 from dreambooth_jax.models.layers import (Conv, Dense, GroupNorm, KeyGen, LayerNorm, Rngs, activation,
                                           param, random_init)
 
@@ -322,9 +323,15 @@ def dot_attention(q, k, v, bias=None):
   return o.reshape(b, nq, h * d)
 
 
+# None: chunk queries on the CPU backend only. experiments/plan_tpu.py sets False: it
+# compiles on fake CPU devices but must plan the program a TPU runs, which has no chunks.
+CHUNK_QUERIES: bool | None = None
+
+
 def _query_chunk(nq: int, nk: int, target: int = 1 << 16) -> int | None:
   """Query-chunk length on CPU (largest power of two with chunk * keys <= target)."""
-  if jax.default_backend() != "cpu" or nq * nk <= target:
+  enabled = jax.default_backend() == "cpu" if CHUNK_QUERIES is None else CHUNK_QUERIES
+  if not enabled or nq * nk <= target:
     return None
   chunk = 1
   while chunk * 2 * nk <= target and nq % (chunk * 2) == 0:
@@ -471,15 +478,17 @@ class UNet(nnx.Module):
     if attention_mask is not None:
       bias = (1.0 - attention_mask.astype(jnp.float32)) * _MASK_BIAS
 
-    x = self.conv_in(sample.astype(dtype))
+    pin = sharding.constrain_batch  # batch over the mesh's data axes, if one is set
+    x = pin(self.conv_in(pin(sample.astype(dtype))))
     skips = [x]
     for block in self.down_blocks:
       x, s = block(x, temb, text, bias, remat=self.remat)
-      skips += s
-    x = self.mid_block(x, temb, text, bias, remat=self.remat)
+      x = pin(x)
+      skips += [pin(y) for y in s]
+    x = pin(self.mid_block(x, temb, text, bias, remat=self.remat))
     for block in self.up_blocks:
       n = len(block.resnets)
-      x = block(x, skips[-n:], temb, text, bias, remat=self.remat)
+      x = pin(block(x, skips[-n:], temb, text, bias, remat=self.remat))
       skips = skips[:-n]
     x = activation(cfg.act_fn)(self.conv_norm_out(x))
     return self.conv_out(x)
