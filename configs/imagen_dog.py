@@ -129,7 +129,12 @@ def get_config(arg=None):
       lr=lr,
       warmup_steps=0,
       schedule="constant",      # or 'cosine'
+      # 'adamw', 'adafactor' (factored 2nd moments, no 1st: ~no state memory), or per
+      # stage. The `if` default is Imagen's: Adafactor for the base, Adam for SR; with
+      # AdamW on both, the plan estimates 35.5 GiB/chip on v4-8 (experiments/plan_tpu.py).
+      optimizer="adamw" if tiny else "base=adafactor,sr256=adamw,sr1024=adamw",
       b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+      mu_dtype="",              # AdamW's first moment: "" = the param dtype, or 'bfloat16'
       grad_clip=1.0,
       grad_accum=1,
       trainable="all",          # regex over param paths ('all' = every UNet param)

@@ -122,21 +122,61 @@ def trainable_mask(params: Mapping[str, Any], pattern: str) -> Any:
   return jax.tree_util.tree_map_with_path(label, params)
 
 
+OPTIMIZERS = ("adamw", "adafactor")
+
+
+def _base_optimizer(t, name: str, lr: optax.Schedule) -> optax.GradientTransformation:
+  """AdamW keeps two moments per param (8 bytes in float32; `mu_dtype=bfloat16` makes
+  it 6). Adafactor, which Imagen trained its base model with (Adam its SR models),
+  keeps factored second moments and no first: about 0 bytes per param. With
+  `multiply_by_parameter_scale=False` its learning rate is an absolute step like Adam's."""
+  if name == "adamw":
+    return optax.adamw(lr, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay,
+                       mu_dtype=t.get("mu_dtype") or None)
+  if name == "adafactor":
+    return optax.adafactor(lr, multiply_by_parameter_scale=False, decay_rate=0.8,
+                           clipping_threshold=1.0, weight_decay_rate=t.weight_decay or None)
+  raise config_lib.ConfigError(
+      f"config.train.optimizer: unknown optimizer {name!r}; use one of {', '.join(OPTIMIZERS)}, "
+      "or per stage, e.g. 'base=adafactor,sr256=adamw'")
+
+
+def optimizer_per_group(spec: str, groups) -> dict[str, str]:
+  """`config.train.optimizer` ('adamw', or per stage 'base=adafactor,sr256=adamw',
+  unnamed groups taking AdamW) -> {group: optimizer name}."""
+  if "=" not in spec:
+    return {g: spec for g in groups}
+  pairs = [item.split("=", 1) for item in spec.split(",") if item.strip()]
+  table = {k.strip(): v.strip() for k, v in pairs}
+  unknown = set(table) - set(groups) - {"base", "sr256", "sr1024"}
+  if unknown:
+    raise config_lib.ConfigError(
+        f"config.train.optimizer={spec!r}: unknown stage(s) {sorted(unknown)}; use base, sr256, sr1024")
+  return {g: table.get(g, "adamw") for g in groups}
+
+
 def optimizer(config, params, phase: Phase) -> optax.GradientTransformation:
-  """AdamW with clipping and the phase's schedule; UNet params outside
-  `config.train.trainable` stay fixed (learned token rows always learn)."""
+  """`config.train.optimizer` with clipping and the phase's schedule; UNet params outside
+  `config.train.trainable` stay fixed (learned token rows always learn). With one
+  optimizer the global norm is clipped over every trained param; with several, over
+  each optimizer's params (stages are independent models)."""
   t = config.train
-  tx = optax.chain(
-      optax.clip_by_global_norm(t.grad_clip) if t.grad_clip else optax.identity(),
-      optax.adamw(learning_rate(config, phase), b1=t.b1, b2=t.b2, eps=t.eps,
-                  weight_decay=t.weight_decay))
+  lr = learning_rate(config, phase)
+  names = optimizer_per_group(t.get("optimizer", "adamw"), params)  # old configs: AdamW
+  clip = lambda: optax.clip_by_global_norm(t.grad_clip) if t.grad_clip else optax.identity()
   mask = trainable_mask(params, t.trainable)
   if TOKENS in params:
     mask[TOKENS] = jax.tree.map(lambda _: True, params[TOKENS])
-  if all(jax.tree.leaves(mask)):
-    return tx
-  labels = jax.tree.map(lambda m: "train" if m else "freeze", mask)
-  return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+  used = sorted(set(names.values()))
+  if len(used) == 1:
+    tx = optax.chain(clip(), _base_optimizer(t, used[0], lr))
+    if all(jax.tree.leaves(mask)):
+      return tx
+    labels = jax.tree.map(lambda m: "train" if m else "freeze", mask)
+    return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+  labels = {g: jax.tree.map(lambda m, n=names[g]: n if m else "freeze", mask[g]) for g in params}
+  transforms = {n: optax.chain(clip(), _base_optimizer(t, n, lr)) for n in used}
+  return optax.multi_transform(dict(transforms, freeze=optax.set_to_zero()), labels)
 
 
 def dreambooth_loss(stages: Mapping[str, cascade_lib.Stage], params: Mapping[str, Any],
@@ -223,14 +263,23 @@ def make_train_step(stages: Mapping[str, cascade_lib.Stage], tx: optax.GradientT
       grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
       metrics.append(m)
     metrics = jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *metrics)
-    updates, new_opt = tx.update(grads, state["opt_state"], params)
-    new_params = optax.apply_updates(params, updates)
     g_norm = _global_norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(g_norm)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = dict(state, params=keep(new_params, params), opt_state=keep(new_opt, state["opt_state"]),
+    l2_params = _global_norm(params)
+
+    def apply(operands):
+      params, opt_state, grads = operands
+      updates, new_opt = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), new_opt, _global_norm(updates)
+
+    # A cond, not a select between old and new: the update can then write params and
+    # moments in place; a select keeps both copies alive (12 GiB/chip for IF-I-XL).
+    new_params, new_opt, l2_updates = jax.lax.cond(
+        finite, apply, lambda ops: (ops[0], ops[1], jnp.zeros((), jnp.float32)),
+        (params, state["opt_state"], grads))
+    new_state = dict(state, params=new_params, opt_state=new_opt,
                      step=state["step"] + finite.astype(state["step"].dtype))
-    metrics.update(l2_grads=g_norm, l2_params=_global_norm(params), l2_updates=_global_norm(updates),
+    metrics.update(l2_grads=g_norm, l2_params=l2_params, l2_updates=l2_updates,
                    finite=finite.astype(jnp.float32))
     return new_state, metrics
 

@@ -120,16 +120,20 @@ def _place_state(state, mesh, rules):
   param_sh = {name: sharding.param_shardings(p, mesh, rules) for name, p in state["params"].items()}
   flat_params = {}
   for name, sh in param_sh.items():
-    for path, leaf in jax.tree_util.tree_flatten_with_path(sh)[0]:
+    paths = jax.tree_util.tree_flatten_with_path(sh)[0]
+    for (path, leaf), x in zip(paths, jax.tree.leaves(state["params"][name])):
       # Keyed like the optimiser state's paths, where the stage is a DictKey too.
-      flat_params[(str(jax.tree_util.DictKey(name)),) + tuple(str(k) for k in path)] = leaf
+      flat_params[(str(jax.tree_util.DictKey(name)),) + tuple(str(k) for k in path)] = (
+          leaf, tuple(x.shape))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
   def opt_leaf(path, x):
+    # A leaf shaped like its param (Adam's moments) is sharded like it; others
+    # (Adafactor's factored row/column statistics, counters) are small: replicated.
     keys = tuple(str(k) for k in path)
     for n in range(len(keys), 0, -1):
-      sh = flat_params.get(keys[-n:])
-      if sh is not None and len(sh.spec) <= x.ndim:
+      sh, shape = flat_params.get(keys[-n:], (None, None))
+      if sh is not None and shape == tuple(x.shape):
         return sh
     return replicated
 
@@ -436,7 +440,8 @@ def _train_phase(config, models, phase, state, stages, tx, shardings, mesh, rule
 
   for step in range(int(state["step"]), phase.end):
     batch = make_batch(step)
-    state, metrics = step_fn(state, batch, frozen)
+    with jax.set_mesh(mesh):  # traced with the mesh: the UNets pin activations' batch axis
+      state, metrics = step_fn(state, batch, frozen)
     metrics = jax.device_get(metrics)
     if not metrics["finite"]:
       ckpt.wait()
