@@ -1,6 +1,7 @@
 r"""TPUv4 memory and time plan for full-size IF fine-tuning, from CPU ahead-of-time compiles.
 
   python experiments/plan_tpu.py                                   # IF-I-XL + IF-II-L step, v4-8
+  python experiments/plan_tpu.py --optimizer=adamw                 # ... with AdamW on both
   python experiments/plan_tpu.py --model=if-i-xl --mesh=v4-32 --param_dtype=bfloat16 --no-remat
   python experiments/plan_tpu.py --model=t5 --what=encode          # T5-XXL embedding pass
   python experiments/plan_tpu.py --model=if-i-xl --what=sample     # one guided prior-sampling step
@@ -73,6 +74,9 @@ def parse_args(argv=None):
                  help="master weights and Adam moments (default: the config's, float32)")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                  help="compute dtype (default: the config's, bfloat16)")
+  p.add_argument("--optimizer", default=None,
+                 help="config.train.optimizer, e.g. adamw or 'base=adafactor,sr256=adamw' "
+                      "(default: the config's, the latter)")
   p.add_argument("--batch", type=int, default=4, help="instance images per step")
   p.add_argument("--prior_batch", type=int, default=4, help="class-prior images per step")
   p.add_argument("--sample_batch", type=int, default=None,
@@ -150,6 +154,7 @@ def make_config(args):
   if args.tiny:  # the tiny config computes in float32; plan the TPU precision anyway
     m.dtype = args.dtype or "bfloat16"
   config.train.batch_size, config.train.prior_batch_size = args.batch, args.prior_batch
+  config.train.optimizer = args.optimizer or config.train.optimizer
   config.stages = "+".join(STAGE_OF.get(args.model, ("base",)))
   return config
 
