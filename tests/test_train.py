@@ -216,7 +216,7 @@ def test_memory_saving_optimizers_place_and_learn(name):
   print(f"\n{name}: optimiser state {opt / 2**20:.2f} MiB vs AdamW {opt_adamw / 2**20:.2f} MiB")
   # No first moment, and second moments factored where both dims are >= 128 (few
   # in the tiny UNets; at full size nearly all): under half of AdamW's two moments.
-  assert opt < {"adafactor": 0.5, "adamw_bf16_mu": 0.8, "per_stage": 0.95}[name] * opt_adamw
+  assert opt < {"adafactor": 0.5, "adamw_bf16_mu": 0.8, "per_stage": 0.8}[name] * opt_adamw
   mus = [(jax.tree_util.keystr(p), x) for p, x in
          jax.tree_util.tree_flatten_with_path(abstract["opt_state"])[0]
          if ".mu" in jax.tree_util.keystr(p) and x.ndim]
