@@ -84,3 +84,13 @@ def method_runs(tmp_path_factory):
     out[method] = str(tmp_path_factory.mktemp(method))
     train_cli(out[method], method)
   return out
+
+
+@pytest.fixture(scope="session")
+def if_repos(tmp_path_factory, spiece_dir) -> dict:
+  """{"stage_1": IF-I repo, "stage_2": IF-II repo}: tiny DeepFloyd IF downloads in the Hub
+  layout, fp16 variant only, sharded, written by diffusers (if_repos.build_if_repo)."""
+  from if_repos import build_if_repo
+  root = tmp_path_factory.mktemp("if_repos")
+  return {"stage_1": build_if_repo(root / "IF-I", "I", spiece_dir, seed=0),
+          "stage_2": build_if_repo(root / "IF-II", "II", spiece_dir, seed=10)}

@@ -51,20 +51,24 @@ def _flat_params(state) -> list[tuple[tuple, nnx.Variable]]:
   return [(tuple(p), v) for p, v in nnx.to_flat_state(state)]
 
 
-def load_params(model: nnx.Module, tensors: Mapping[str, np.ndarray], *, renames: Renames = (),
-                dtype=None, source: str = "checkpoint", ignore: Callable[[str], bool] = lambda k: False,
-                place: Callable[[tuple, np.ndarray], jax.Array] | None = None) -> nnx.Module:
-  """Fills every Param of `model` (abstract or concrete) from `tensors`, in place.
+def _shape_of(tensors, key: str) -> tuple[int, ...]:
+  return tuple(getattr(tensors, "shape", lambda k: tensors[k].shape)(key))
 
-  Checks the whole mapping before copying anything, and raises one WeightsError
-  listing every missing, unexpected and mis-shaped tensor with expected and
-  found shapes. `place(path, array)` may put each array on devices (sharded
-  loading); by default it becomes a jnp array of `dtype` (or the file's dtype).
+
+def match_params(model: nnx.Module, tensors: Mapping[str, np.ndarray], *, renames: Renames = (),
+                 ignore: Callable[[str], bool] = lambda k: False):
+  """Pairs every Param of `model` (abstract is enough) with its tensor, reading shapes only.
+
+  Returns `(plan, problems)`: plan lists `(path, variable, key)` of every
+  matched Param, problems one line per missing, unexpected (not `ignore`d) and
+  mis-shaped tensor with expected and found shapes. No tensor data is read, so
+  this is the whole check a preflight needs.
   """
-  graphdef, state = nnx.split(model)
-  flat = _flat_params(state)
-  plan, problems = [], []
-  used = set()
+  return _match(_flat_params(nnx.split(model)[1]), tensors, renames, ignore)
+
+
+def _match(flat, tensors, renames, ignore):
+  plan, problems, used = [], [], set()
   for path, var in flat:
     key = torch_key(path, renames)
     if key not in tensors:
@@ -72,21 +76,50 @@ def load_params(model: nnx.Module, tensors: Mapping[str, np.ndarray], *, renames
                       f"expected shape {tuple(var.get_value().shape)})")
       continue
     used.add(key)
-    shape = getattr(tensors, "shape", lambda k: tensors[k].shape)(key)
+    shape = _shape_of(tensors, key)
     expected = to_torch(str(path[-1]), np.empty(var.get_value().shape, dtype=np.bool_)).shape
-    if tuple(shape) != tuple(expected):
-      problems.append(f"tensor {key!r} has shape {tuple(shape)}, expected {tuple(expected)}")
+    if shape != tuple(expected):
+      problems.append(f"tensor {key!r} has shape {shape}, expected {tuple(expected)}")
       continue
     plan.append((path, var, key))
-  unexpected = sorted(k for k in tensors if k not in used and not ignore(k))
-  problems += [f"unexpected tensor {k!r} with shape {tuple(getattr(tensors, 'shape', lambda k: tensors[k].shape)(k))}"
-               for k in unexpected]
+  problems += [f"unexpected tensor {k!r} with shape {_shape_of(tensors, k)}"
+               for k in sorted(k for k in tensors if k not in used and not ignore(k))]
+  return plan, problems
+
+
+def mismatch_error(source: str, problems: Sequence[str]) -> WeightsError:
+  """One WeightsError listing (the first 20 of) `problems` of `match_params`."""
+  shown = list(problems[:20]) + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+  return WeightsError(
+      f"{source}: the weights do not match the model built from its config "
+      f"({len(problems)} problem(s)):\n  " + "\n  ".join(shown) +
+      "\nCheck that config.json belongs to these weights (same model and revision).")
+
+
+def check_params(model: nnx.Module, tensors: Mapping[str, np.ndarray], *, renames: Renames = (),
+                 source: str = "checkpoint", ignore: Callable[[str], bool] = lambda k: False) -> int:
+  """Raises `mismatch_error` unless `tensors` fill `model` exactly; returns the tensor count."""
+  plan, problems = match_params(model, tensors, renames=renames, ignore=ignore)
   if problems:
-    shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
-    raise WeightsError(
-        f"{source}: the weights do not match the model built from its config "
-        f"({len(problems)} problem(s)):\n  " + "\n  ".join(shown) +
-        "\nCheck that config.json belongs to these weights (same model and revision).")
+    raise mismatch_error(source, problems)
+  return len(plan)
+
+
+def load_params(model: nnx.Module, tensors: Mapping[str, np.ndarray], *, renames: Renames = (),
+                dtype=None, source: str = "checkpoint", ignore: Callable[[str], bool] = lambda k: False,
+                place: Callable[[tuple, np.ndarray], jax.Array] | None = None) -> nnx.Module:
+  """Fills every Param of `model` (abstract or concrete) from `tensors`, in place.
+
+  Checks the whole mapping before copying anything (`match_params`), and raises
+  one WeightsError listing every missing, unexpected and mis-shaped tensor with
+  expected and found shapes. `place(path, array)` may put each array on devices
+  (sharded loading); by default it becomes a jnp array of `dtype` (or the
+  file's dtype).
+  """
+  graphdef, state = nnx.split(model)
+  plan, problems = _match(_flat_params(state), tensors, renames, ignore)
+  if problems:
+    raise mismatch_error(source, problems)
   for path, var, key in plan:
     array = to_ours(str(path[-1]), tensors[key])
     if place is not None:
