@@ -30,6 +30,9 @@ setup(
         "tensorboardX",
         # CLIP's BPE tokenizer for the evaluation (CLIP-T); imports without torch.
         "transformers>=5.0",
+        # IF's caption cleaning (IFPipeline's default clean_caption=True), see captions.py.
+        "beautifulsoup4",
+        "ftfy",
     ],
     extras_require={
         # The PyTorch references our parity tests compare against. The runtime

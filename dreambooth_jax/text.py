@@ -3,12 +3,15 @@
 Sections of this module, each self-contained:
 
 1. Tokenizer: T5's SentencePiece tokenizer with DeepFloyd IF's conventions,
-   on the `sentencepiece` library alone.
+   on the `sentencepiece` library alone, including IF's prompt preprocessing
+   (`dreambooth_jax.captions`).
 2. Rare-token identifiers: DreamBooth's "[V]" strings, tokens sampled from
    the T5 vocabulary ids 5000..10000 whose text is <= 3 characters without
    spaces (`rare_token_identifier`), or given by the user ("sks");
    `resolve_identifier` returns either as an `Identifier` stored with the run,
-   and `instance_prompt`/`class_prompt` write "a sks dog" / "a dog".
+   and `instance_prompt`/`class_prompt` write "a sks dog" / "a dog". Only
+   identifiers that IF's prompt preprocessing leaves unchanged are chosen or
+   accepted.
 3. The prompt-embedding cache lives in `dreambooth_jax.embeddings`: T5 is run
    once per distinct prompt and its [77, 4096] embeddings are stored, so T5
    never sits on the accelerators during training.
@@ -28,8 +31,17 @@ The tokenizer reproduces, id for id, what `transformers.T5Tokenizer.from_pretrai
 
 transformers 5 converts spiece.model to a `tokenizers` Unigram model; our
 parity tests pin the two to the same ids on punctuation, whitespace runs,
-unicode and sentinel strings. IF's optional caption cleaning (bs4/ftfy) is
-not applied: diffusers skips it unless asked for, and so do we.
+unicode and sentinel strings.
+
+Prompt preprocessing: IFPipeline lowercases and strips every prompt and, by
+default (`clean_caption=True`), cleans it as IF's training captions were
+(bs4, ftfy, regexes; `captions.clean_caption`). `Tokenizer(preprocess=...)`
+does the same in `__call__`, the batch encoding every T5 path uses: "clean"
+(the default, as IFPipeline), "lower" (`clean_caption=False`) or "none" (for
+encoders trained on raw text). A model trained here on "a SKS dog" would
+otherwise be conditioned on ids that the exported model never gets in
+diffusers. Learned tokens are kept verbatim through it (`captions.preprocess`).
+`encode` stays raw: it gives the ids of exactly the text it is given.
 """
 
 from __future__ import annotations
@@ -41,6 +53,8 @@ import re
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from dreambooth_jax import captions
 
 # ---------------------------------------------------------------------------------------------
 # 1. Tokenizer
@@ -57,12 +71,17 @@ class Tokenizer:
 
   Build it with `Tokenizer.from_pretrained(folder)` on a folder (or file path)
   with `spiece.model`, e.g. DeepFloyd IF's `tokenizer/` or `google/t5-v1_1-xxl`.
+  `preprocess` ("clean", "lower" or "none"; see `captions.preprocess`) is
+  applied to every prompt `__call__` encodes; "clean" is IFPipeline's default.
   """
 
   def __init__(self, sp_model_file: str, *, max_length: int = IF_MAX_LENGTH, extra_ids: int = 100,
-               learned_tokens: Sequence[str] = ()):
+               learned_tokens: Sequence[str] = (), preprocess: str = captions.DEFAULT_MODE):
     import sentencepiece  # deferred: only the tokenizer needs it, not the models
 
+    self.preprocess = captions.check_mode(preprocess)
+    if self.preprocess == "clean":
+      captions.require_cleaner()  # fail at construction, not at the first prompt of a run
     self.path = sp_model_file
     self._sp = sentencepiece.SentencePieceProcessor(model_file=sp_model_file)
     self.sp_size = self._sp.get_piece_size()
@@ -92,7 +111,10 @@ class Tokenizer:
 
   @classmethod
   def from_pretrained(cls, path: str, **kwargs) -> "Tokenizer":
-    """From a folder holding `spiece.model` (or the path of the .model file itself)."""
+    """From a folder holding `spiece.model` (or the path of the .model file itself).
+
+    `kwargs` go to the constructor: max_length, extra_ids, learned_tokens, preprocess.
+    """
     file = os.path.join(path, _SPIECE) if os.path.isdir(path) else path
     if not os.path.isfile(file):
       raise FileNotFoundError(
@@ -103,7 +125,8 @@ class Tokenizer:
   def with_learned_tokens(self, tokens: Sequence[str]) -> "Tokenizer":
     """This tokenizer plus learned tokens, each matched whole in text (like `<extra_id_0>`)."""
     return Tokenizer(self.path, max_length=self.max_length, extra_ids=self.extra_ids,
-                     learned_tokens=tuple(self.learned_tokens) + tuple(tokens))
+                     learned_tokens=tuple(self.learned_tokens) + tuple(tokens),
+                     preprocess=self.preprocess)
 
   @property
   def vocab_size(self) -> int:
@@ -156,10 +179,16 @@ class Tokenizer:
     ids += self._sp.encode(text[start:])
     return ids + [EOS_ID] if add_eos else ids
 
+  def preprocessed(self, prompt: str) -> str:
+    """The text `__call__` tokenizes for `prompt`: IF's preprocessing in this tokenizer's
+    mode, learned tokens kept verbatim."""
+    return captions.preprocess(prompt, self.preprocess, protected=self.learned_tokens)
+
   def __call__(self, prompts: str | Sequence[str]) -> dict[str, np.ndarray]:
     """IF's batch encoding: int32 `input_ids` and `attention_mask`, both [B, max_length].
 
-    Longer prompts are truncated to `max_length - 1` tokens plus `</s>`, as
+    Each prompt is first preprocessed (`preprocessed`) as IFPipeline.encode_prompt
+    does. Longer prompts are truncated to `max_length - 1` tokens plus `</s>`, as
     transformers does with `truncation=True, max_length=77`.
     """
     if isinstance(prompts, str):
@@ -168,7 +197,7 @@ class Tokenizer:
     input_ids = np.full((len(prompts), self.max_length), PAD_ID, np.int32)
     attention_mask = np.zeros((len(prompts), self.max_length), np.int32)
     for row, prompt in enumerate(prompts):
-      ids = self.encode(prompt, add_eos=False)[:self.max_length - 1] + [EOS_ID]
+      ids = self.encode(self.preprocessed(prompt), add_eos=False)[:self.max_length - 1] + [EOS_ID]
       input_ids[row, :len(ids)] = ids
       attention_mask[row, :len(ids)] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask}
@@ -190,7 +219,7 @@ class Tokenizer:
 
   def __repr__(self):
     return (f"Tokenizer({self.path!r}, vocab_size={self.vocab_size}, "
-            f"max_length={self.max_length})")
+            f"max_length={self.max_length}, preprocess={self.preprocess!r})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,12 +263,19 @@ class Identifier:
     return cls(**{k: v for k, v in d.items() if k in names})
 
   def verify(self, tokenizer: Tokenizer) -> "Identifier":
-    """Raises ValueError unless `text` still encodes to `token_ids` (e.g. another tokenizer)."""
+    """Raises ValueError unless `text` still encodes to `token_ids` (e.g. another tokenizer)
+    and the tokenizer's prompt preprocessing leaves it unchanged (e.g. another mode)."""
     ids = tuple(tokenizer.encode(self.text, add_eos=False))
     if ids != self.token_ids:
       raise ValueError(f"identifier {self.text!r} encodes to {list(ids)} with {tokenizer}, but it "
                        f"was chosen as {list(self.token_ids)}: the tokenizer is not the one the "
                        "identifier was made with.")
+    seen = tokenizer.preprocessed(self.text)
+    if seen != self.text:
+      raise ValueError(f"identifier {self.text!r} becomes {seen!r} under the tokenizer's prompt "
+                       f"preprocessing (mode {tokenizer.preprocess!r}), so prompts would not "
+                       "contain it: it was made with another preprocessing mode. Use that mode, "
+                       "or a new run and identifier.")
     return self
 
 
@@ -271,10 +307,15 @@ def rare_token_candidates(tokenizer: Tokenizer, *, id_range: tuple[int, int] = T
 
   Kept: SentencePiece pieces whose text (the '▁' marker dropped) is 1..`max_chars`
   characters with no whitespace. Our additions: special tokens and sentinels
-  are never kept, and unless `allow_punctuation`, a piece needs a letter or digit
-  (a ")." identifier would read as punctuation, not as a word, to the encoder).
-  `id_range` is clipped to the SentencePiece pieces [3, sp_size); a range
-  outside them raises, as T5's default (5000, 10000) does on a small vocabulary.
+  are never kept; unless `allow_punctuation`, a piece needs a letter or digit
+  (a ")." identifier would read as punctuation, not as a word, to the encoder);
+  and the piece's text must come through the tokenizer's prompt preprocessing
+  unchanged (`captions.survives`): in modes "clean" and "lower" no capitals,
+  and in "clean" nothing the cleaner drops or splits ("eps", "/", "#1"). A
+  prompt holding such a piece would never reach T5 with it (IFPipeline
+  preprocesses every prompt). `id_range` is clipped to the SentencePiece pieces
+  [3, sp_size); a range outside them raises, as T5's default (5000, 10000) does
+  on a small vocabulary.
   """
   lo, hi = int(id_range[0]), int(id_range[1])
   lo_c, hi_c = max(lo, UNK_ID + 1), min(hi, tokenizer.sp_size)
@@ -289,7 +330,8 @@ def rare_token_candidates(tokenizer: Tokenizer, *, id_range: tuple[int, int] = T
       continue
     text = _piece_text(tokenizer.id_to_piece(i))
     if (0 < len(text) <= max_chars and not any(c.isspace() or c == _METASPACE for c in text)
-        and (allow_punctuation or any(c.isalnum() for c in text))):
+        and (allow_punctuation or any(c.isalnum() for c in text))
+        and captions.survives(text, tokenizer.preprocess)):
       keep.append(i)
   return np.asarray(keep, np.int64)
 
@@ -299,16 +341,30 @@ def _contains(seq: Sequence[int], sub: Sequence[int]) -> bool:
   return any(list(seq[i:i + n]) == list(sub) for i in range(len(seq) - n + 1))
 
 
+def _preprocessing_name(tokenizer: Tokenizer) -> str:
+  return (f"the tokenizer's prompt preprocessing (mode {tokenizer.preprocess!r}; IFPipeline "
+          f"applies 'clean' to every prompt by default)")
+
+
 def _check_in_prompt(tokenizer: Tokenizer, text: str, ids: Sequence[int], template: str,
                      class_noun: str) -> str | None:
-  """Why `text` does not re-tokenise to `ids` on its own and inside the instance prompt, or None."""
+  """Why `text` does not come through preprocessing unchanged and re-tokenise to `ids`, on its
+  own and inside the instance prompt, or None."""
+  seen = tokenizer.preprocessed(text)
+  if seen != text:
+    return f"{text!r} becomes {seen!r} after {_preprocessing_name(tokenizer)}"
   alone = tokenizer.encode(text, add_eos=False)
   if list(alone) != list(ids):
     return f"{text!r} encodes to {alone}, not {list(ids)}"
   prompt = instance_prompt(text, class_noun, template=template)
+  if not captions.survives(text, tokenizer.preprocess, context=prompt,
+                           protected=tokenizer.learned_tokens):
+    return (f"the instance prompt {prompt!r} becomes {tokenizer.preprocessed(prompt)!r} after "
+            f"{_preprocessing_name(tokenizer)}, without {text!r}")
   in_prompt = tokenizer(prompt)["input_ids"][0]
   if not _contains(in_prompt.tolist(), ids):
-    return f"the instance prompt {prompt!r} encodes to {tokenizer.encode(prompt)}, without {list(ids)}"
+    return (f"the instance prompt {prompt!r} encodes to "
+            f"{tokenizer.encode(tokenizer.preprocessed(prompt))}, without {list(ids)}")
   return None
 
 
@@ -329,9 +385,12 @@ def rare_token_identifier(tokenizer: Tokenizer, *, num_tokens: int = 1, seed: in
   draws the tokens after the first from continuation pieces only, for a
   one-word identifier ("87vi"); the paper's uniform draw is the default.
 
-  A draw is kept only if the identifier re-tokenises to exactly the chosen ids,
-  alone and inside `template` ("a {identifier} dog"); otherwise it is redrawn,
-  so the result is uniform over the draws that survive. The first token must
+  A draw is kept only if the identifier comes through the tokenizer's prompt
+  preprocessing unchanged and re-tokenises to exactly the chosen ids, alone
+  and inside `template` ("a {identifier} dog"; the prompt is preprocessed as
+  `Tokenizer.__call__` does); otherwise it is redrawn, so the result is uniform
+  over the draws that survive. (Pieces that survive alone can fail joined:
+  "ab" + "123" is "ab123", which IF's cleaner deletes.) The first token must
   hence be word-initial (it follows a space), and is drawn from those pieces
   only, which changes nothing but the number of redraws.
   """
@@ -363,7 +422,8 @@ def rare_token_identifier(tokenizer: Tokenizer, *, num_tokens: int = 1, seed: in
                         id_range=(int(id_range[0]), int(id_range[1])),
                         pieces=tuple(tokenizer.id_to_piece(i) for i in ids))
   raise ValueError(
-      f"no {num_tokens}-token identifier in id_range {tuple(id_range)} re-tokenised to its own ids "
+      f"no {num_tokens}-token identifier in id_range {tuple(id_range)} came through the prompt "
+      f"preprocessing (mode {tokenizer.preprocess!r}) and re-tokenised to its own ids "
       f"in {max_tries} draws ({len(candidates)} candidate tokens; last failure: {last_reason}). "
       "Use fewer tokens, another id_range, or give an identifier such as 'sks'.")
 
@@ -375,8 +435,10 @@ def resolve_identifier(tokenizer: Tokenizer, identifier: Identifier | str | None
 
   None samples with `rare_token_identifier(tokenizer, **rare_kwargs)` (num_tokens,
   seed, id_range, max_chars...). A user string is taken as is, whatever its
-  length, and only checked: it must be non-empty and keep its own tokens inside
-  the instance prompt, or the prompt would not contain what the model is taught.
+  length, and only checked: it must be non-empty, come through the tokenizer's
+  prompt preprocessing unchanged ("SKS" becomes "sks" in IFPipeline, so it is
+  refused with that suggestion) and keep its own tokens inside the instance
+  prompt, or the prompt would not contain what the model is taught.
   """
   if identifier is None:
     return rare_token_identifier(tokenizer, class_noun=class_noun, template=template, **rare_kwargs)
@@ -387,6 +449,17 @@ def resolve_identifier(tokenizer: Tokenizer, identifier: Identifier | str | None
   text = " ".join(str(identifier).split())
   if not text:
     raise ValueError("the identifier is empty; pass None to sample a rare-token identifier")
+  seen = tokenizer.preprocessed(text)
+  if seen != text:
+    if seen == text.lower() and tokenizer.preprocessed(seen) == seen:
+      hint = f"Use the lowercase {seen!r} instead"
+    else:
+      hint = ("IF's caption cleaner removes or splits it (e.g. URLs, HTML, punctuation runs, "
+              "letters followed by 3+ digits, file extensions); choose lowercase letters such "
+              "as 'sks'")
+    became = f"it becomes {seen!r}" if seen else "it is removed entirely"
+    raise ValueError(f"identifier {text!r} does not survive {_preprocessing_name(tokenizer)}: "
+                     f"{became}, so prompts would never reach T5 with {text!r}. {hint}.")
   ids = tokenizer.encode(text, add_eos=False)
   reason = _check_in_prompt(tokenizer, text, ids, template, class_noun)
   if reason is not None:

@@ -2,12 +2,15 @@
 
 The tokenizer is the ~800-piece T5-layout SentencePiece model of conftest.py,
 so the paper's id range (5000, 10000) lies outside it and tests use RANGE.
+`tok` preprocesses prompts as IFPipeline does by default ("clean"); `tok_raw`
+does not ("none"). tests/test_captions.py checks the choice against diffusers.
 """
 
 import json
 
 import pytest
 
+from dreambooth_jax import captions
 from dreambooth_jax.text import (CLASS_TEMPLATE, INSTANCE_TEMPLATE, T5_RARE_ID_RANGE, Identifier,
                                  Tokenizer, class_prompt, instance_prompt, rare_token_candidates,
                                  rare_token_identifier, resolve_identifier)
@@ -22,18 +25,38 @@ def tok(spiece_dir):
   return Tokenizer.from_pretrained(spiece_dir)
 
 
-def test_candidates_follow_the_rule(tok):
+@pytest.fixture(scope="module")
+def tok_raw(spiece_dir):
+  return Tokenizer.from_pretrained(spiece_dir, preprocess="none")
+
+
+def _comes_through(text: str, mode: str) -> bool:
+  """IFPipeline._text_preprocessing leaves `text` alone (the port is pinned to diffusers in
+  test_captions.py)."""
+  if mode == "none":
+    return True
+  return captions.text_preprocessing(text, clean_caption=mode == "clean") == text
+
+
+@pytest.mark.parametrize("mode", captions.MODES)
+def test_candidates_follow_the_rule(spiece_dir, mode):
   """Membership equals the rule written independently with `decode`, over the whole range."""
+  tok = Tokenizer.from_pretrained(spiece_dir, preprocess=mode)
   candidates = set(rare_token_candidates(tok, id_range=RANGE).tolist())
-  expected = set()
+  expected, dropped = set(), set()
   for i in range(*RANGE):
     text = tok.decode([i])  # one token's text: the word marker becomes a dropped leading space
     if 1 <= len(text) <= 3 and " " not in text and any(c.isalnum() for c in text):
-      expected.add(i)
+      (expected if _comes_through(text, mode) else dropped).add(i)
   assert candidates == expected and len(candidates) > 50
+  # Capitals exist in the range, so the preprocessing rule removes candidates in both modes.
+  assert (len(dropped) > 10) == (mode != "none")
+  if mode != "none":
+    assert not any(c.isupper() for i in candidates for c in tok.decode([i]))
   with_punct = set(rare_token_candidates(tok, id_range=RANGE, allow_punctuation=True).tolist())
   assert candidates < with_punct
   assert all(not any(c.isalnum() for c in tok.decode([i])) for i in with_punct - candidates)
+  assert all(_comes_through(tok.decode([i]), mode) for i in with_punct)
 
 
 @pytest.mark.parametrize("num_tokens", [1, 2, 3])
@@ -59,6 +82,10 @@ def test_sampled_identifiers_retokenise_exactly(tok, num_tokens):
     prompt = instance_prompt(ident, "dog")
     assert prompt == f"a {ident.text} dog"
     assert tok.encode(prompt) == tok.encode("a", add_eos=False) + ids + tok.encode("dog")
+    # ...and IF's prompt preprocessing leaves both alone, so the batch encoding agrees.
+    assert tok.preprocessed(ident.text) == ident.text and tok.preprocessed(prompt) == prompt
+    row = tok(prompt)["input_ids"][0].tolist()
+    assert row[:len(tok.encode(prompt))] == tok.encode(prompt)
     seen.add(ident.token_ids)
   assert len(seen) > len(SEEDS) // 2  # different seeds, different identifiers
 
@@ -97,12 +124,20 @@ def test_small_vocab_errors_name_the_range(tok):
     rare_token_identifier(tok, num_tokens=4, id_range=RANGE)
 
 
-def test_failed_retokenisation_is_redrawn_then_reported(tok):
+def test_failed_retokenisation_is_redrawn_then_reported(tok, tok_raw):
   # "_{identifier}" glues the identifier to "_": its word-initial first piece can never
   # come back, so every draw fails and the error says why after max_tries.
   assert not any(tok.id_to_piece(i).startswith(MARK + "_") for i in range(3, tok.sp_size))
-  with pytest.raises(ValueError, match="re-tokenised.*in 5 draws.*last failure"):
-    rare_token_identifier(tok, id_range=RANGE, template="_{identifier} {class_noun}", max_tries=5)
+  with pytest.raises(ValueError, match="mode 'none'.*re-tokenised.*in 5 draws.*last failure"):
+    rare_token_identifier(tok_raw, id_range=RANGE, template="_{identifier} {class_noun}",
+                          max_tries=5)
+  # IF's cleaner strips a leading "_" ("_sks dog" -> "sks dog"), so in mode "clean" the
+  # identifier stands alone again and the same template works, as it would in IFPipeline.
+  ident = rare_token_identifier(tok, id_range=RANGE, template="_{identifier} {class_noun}")
+  assert tok.preprocessed(f"_{ident} dog") == f"{ident} dog"
+  # Glued to a letter, the identifier is never a word of the preprocessed prompt.
+  with pytest.raises(ValueError, match="mode 'clean'.*in 5 draws.*last failure.*without"):
+    rare_token_identifier(tok, id_range=RANGE, template="x{identifier} {class_noun}", max_tries=5)
 
 
 def test_user_identifier_passes_through(tok):
@@ -116,7 +151,10 @@ def test_user_identifier_passes_through(tok):
   with pytest.raises(ValueError, match="empty"):
     resolve_identifier(tok, "  ")
   with pytest.raises(ValueError, match="does not survive tokenisation"):
-    resolve_identifier(tok, "sks", template="_{identifier} {class_noun}")
+    resolve_identifier(tok, "sks", template="x{identifier} {class_noun}")
+  with pytest.raises(ValueError, match="does not survive tokenisation"):
+    resolve_identifier(Tokenizer.from_pretrained(tok.path, preprocess="none"), "sks",
+                       template="_{identifier} {class_noun}")
   with pytest.raises(TypeError, match="seed"):
     resolve_identifier(tok, "sks", seed=3)
 
@@ -147,6 +185,11 @@ def test_json_roundtrip_and_verify(tok):
   bad = Identifier(text="sks", token_ids=(5, 6), source="user")
   with pytest.raises(ValueError, match="not the one the identifier was made with"):
     bad.verify(tok)
+  # Stored by a run without preprocessing: right ids, but IFPipeline would lowercase it.
+  upper = Identifier(text="SKS", token_ids=tuple(tok.encode("SKS", add_eos=False)), source="user")
+  assert upper.verify(Tokenizer.from_pretrained(tok.path, preprocess="none")) is upper
+  with pytest.raises(ValueError, match="'SKS' becomes 'sks'.*mode 'clean'.*another preprocessing"):
+    upper.verify(tok)
   with pytest.raises(ValueError, match="not the one"):
     resolve_identifier(tok, bad)
   # str() is the text, so an Identifier drops into format strings.

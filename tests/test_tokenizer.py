@@ -35,7 +35,9 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def tokenizers(spiece_dir):
   from transformers import T5Tokenizer
-  return Tokenizer.from_pretrained(spiece_dir), T5Tokenizer.from_pretrained(spiece_dir)
+  # Raw tokenization (preprocess="none"): IF's preprocessing is compared in test_captions.py.
+  return (Tokenizer.from_pretrained(spiece_dir, preprocess="none"),
+          T5Tokenizer.from_pretrained(spiece_dir))
 
 
 def test_batch_parity_with_transformers(tokenizers):
