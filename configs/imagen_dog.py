@@ -85,6 +85,13 @@ def get_config(arg=None):
       dtype="float32" if tiny else "bfloat16",  # compute
       remat=not tiny,
       t5_dtype="float32" if tiny else "bfloat16",
+      # IFPipeline's prompt handling, so an exported model reads prompts as in training:
+      # 'clean' (its default clean_caption=True: lowercase, URLs/HTML/punctuation runs
+      # removed, ftfy), 'lower' (clean_caption=False) or 'none' (as typed).
+      prompt_preprocessing="clean",
+      # IF's UNets attend to all 77 T5 positions, padding included (IFPipeline never
+      # gives them the mask); True masks padding out, for models trained that way.
+      unet_text_mask=False,
   )
   c.pretrained = dict(
       stage_1="",   # IF-I folder (with unet/ [+ scheduler/]) or its unet/ folder

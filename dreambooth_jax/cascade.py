@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -63,17 +63,34 @@ class StageSettings:
   train_aug_level: float = 1e-5    # SR only: DreamBooth lowers Imagen's 1e-3 to 1e-5
   weighting: str = "uniform"
   min_snr_gamma: float = 5.0
+  # IF attends to all 77 text positions, padding included: IFPipeline passes the
+  # attention mask to T5 only, never to the UNet, and DeepFloyd trained that way.
+  # True masks padded tokens out of the UNet's attention (for models trained so).
+  text_mask: bool = False
 
 
 class Stage:
-  """One cascade stage. `params` live outside (pure pytree); this object is static."""
+  """One cascade stage: the UNet's graphdef, its settings and schedules; static.
+
+  Params are a pure pytree passed to `apply`/`loss`/`sample`. The stage's own
+  (pretrained or initial) params are `stage.params`: given with a concrete `unet`, or
+  loaded on first use by `load_params()` when `unet` is abstract (`nnx.eval_shape`),
+  so a multi-GiB UNet is read only if something runs it. `release()` drops them
+  (e.g. once a train state owns a tuned stage's weights) so no second copy stays on
+  the devices; `abstract_params` (shapes, dtypes, shardings) stays available.
+  """
 
   def __init__(self, name: str, unet: UNet, settings: StageSettings, *,
                scheduler_config: Mapping[str, Any] = IF_STAGE_I_SCHEDULER,
                lowres_resolution: int | None = None,
-               noising_config: Mapping[str, Any] = IF_IMAGE_NOISING_SCHEDULER):
+               noising_config: Mapping[str, Any] = IF_IMAGE_NOISING_SCHEDULER,
+               load_params: Callable[[], Any] | None = None):
     self.name, self.settings = name, settings
-    self.graphdef, self.params = nnx.split(unet)
+    self.graphdef, state = nnx.split(unet)
+    self.abstract_params = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), state)
+    self._load_params = load_params
+    self._params = None if load_params is not None else state
     self.schedule = diffusion.DiscreteSchedule.from_config(scheduler_config)
     self.step_config = samplers.StepConfig.from_config(scheduler_config)
     self.prediction_type = scheduler_config.get("prediction_type", "epsilon")
@@ -92,13 +109,32 @@ class Stage:
   def is_sr(self) -> bool:
     return self.lowres_resolution is not None
 
+  @property
+  def params(self):
+    """The stage's own params, loaded on first use (see the class docstring)."""
+    if self._params is None:
+      if self._load_params is None:
+        raise RuntimeError(f"stage {self.name!r}: its params were released and it has no loader; "
+                           "pass params explicitly")
+      self._params = self._load_params()
+    return self._params
+
+  @property
+  def params_loaded(self) -> bool:
+    return self._params is not None
+
+  def release(self) -> None:
+    """Drops the stage's own params (a loader brings them back on the next use)."""
+    self._params = None
+
   # -- the network as a function of (params, x_t, t, cond) ---------------------------------
 
   def apply(self, params, x, t, cond):
     model = nnx.merge(self.graphdef, params)
     if self.is_sr:
       x = jnp.concatenate([x, cond["lowres"].astype(x.dtype)], axis=-1)
-    return model(x, t, cond["text"], cond.get("mask"), class_labels=cond.get("aug"))
+    mask = cond.get("mask") if self.settings.text_mask else None
+    return model(x, t, cond["text"], mask, class_labels=cond.get("aug"))
 
   # -- training -----------------------------------------------------------------------------
 
@@ -129,6 +165,22 @@ class Stage:
     noise = jax.random.normal(rng, up.shape, jnp.float32)
     return (diffusion.q_sample(self.noising_schedule, up, self.noising_schedule.time_from_fraction(frac), noise),
             frac * 1000.0)
+
+  def noise(self, rng: Array, batch: int, num_steps: int | None = None) -> dict[str, Array]:
+    """The noise `sample(..., rng)` draws, materialised: {"x_init": x_T, "steps":
+    [num_steps, B, r, r, C] per-step variance noise, "lowres": the low-res input's
+    augmentation noise (SR stages)}. For feeding a reference pipeline the same draws;
+    `sample` itself draws them inside its jitted loop, one step at a time."""
+    r = self.settings.resolution
+    shape = (batch, r, r, self.channels)
+    rng_low, rng_sample = jax.random.split(rng)
+    init_key, loop_key = samplers.split_rng(rng_sample)
+    n = num_steps or self.settings.num_steps
+    out = {"x_init": jax.random.normal(init_key, shape, jnp.float32),
+           "steps": jnp.stack([samplers.step_noise(loop_key, i, shape) for i in range(n)])}
+    if self.is_sr:
+      out["lowres"] = jax.random.normal(rng_low, (batch, r, r, self.channels), jnp.float32)
+    return out
 
   def sample(self, params, cond: Mapping[str, Array], uncond: Mapping[str, Array] | None,
              rng: Array, *, lowres: Array | None = None, guidance_scale=None,
@@ -189,7 +241,7 @@ class Cascade:
 
   @property
   def params(self) -> dict[str, Any]:
-    """The params each stage was built with (pretrained or random init)."""
+    """The params each stage was built with (pretrained or random init); loads them all."""
     return {s.name: s.params for s in self.stages}
 
   def sample(self, prompt_embeddings: Mapping[str, Array], rng: Array, *,
@@ -207,18 +259,29 @@ class Cascade:
     upto: last stage to run (default all). Per-stage dicts override settings.
     Deterministic for a given rng: stage i uses fold_in(rng, i).
     """
-    params = dict(self.params, **(params or {}))
+    params = dict(params or {})  # stages not given run their own params, loaded on use
     b = batch_size or int(jnp.asarray(prompt_embeddings["text"]).shape[0])
     cond = _broadcast_cond(prompt_embeddings, b)
     uncond = _broadcast_cond(uncond_embeddings, b) if uncond_embeddings is not None else None
     out, lowres = {}, None
     for i, stage in enumerate(self.stages):
-      x = stage.sample(params[stage.name], cond, uncond, jax.random.fold_in(rng, i), lowres=lowres,
+      x = stage.sample(params[stage.name] if stage.name in params else stage.params, cond, uncond, jax.random.fold_in(rng, i), lowres=lowres,
                        guidance_scale=(guidance_scale or {}).get(stage.name),
                        num_steps=(num_steps or {}).get(stage.name),
                        aug_level=(aug_level or {}).get(stage.name), mesh=mesh)
       out[stage.name] = to_uint8(x) if as_uint8 else x
       lowres = x
+      if stage.name == upto:
+        break
+    return out
+
+  def noise(self, rng: Array, batch: int, *, num_steps: Mapping[str, int] | None = None,
+            upto: str | None = None) -> dict[str, dict[str, Array]]:
+    """{stage: Stage.noise} of what `sample(rng, batch_size=batch)` draws at every stage."""
+    out = {}
+    for i, stage in enumerate(self.stages):
+      out[stage.name] = stage.noise(jax.random.fold_in(rng, i), batch,
+                                    (num_steps or {}).get(stage.name))
       if stage.name == upto:
         break
     return out

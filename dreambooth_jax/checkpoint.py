@@ -42,7 +42,6 @@ import functools
 import hashlib
 import json
 import os
-import shutil
 from typing import Any, Mapping
 
 import jax
@@ -53,6 +52,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from orbax.checkpoint import checkpoint_managers as policies
 
+from dreambooth_jax import utils
 from dreambooth_jax.weights.safetensors_io import SafetensorsFile, WeightsError, save_file
 from dreambooth_jax.weights.unet import save_unet_diffusers
 
@@ -152,7 +152,8 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, keep: int | None = 3, keep_every: int | None = None,
                async_save: bool = True, save_interval_steps: int = 1):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    # epath, as orbax: a gs:// workdir stays gs:// (os.path.abspath would make it local).
+    self.directory = utils.absolute(workdir) / "checkpoints"
     preserve = [policies.LatestN(n=keep)]
     if keep_every:
       preserve.append(policies.EveryNSteps(interval_steps=keep_every))
@@ -265,16 +266,20 @@ class Checkpointer:
 # == Export: diffusers folders the PyTorch world loads ==========================
 
 
-def _replace_dir(tmp: str, final: str) -> None:
-  """Moves a finished `tmp` folder onto `final`; a reader never sees half a folder."""
-  old = final + ".old"
-  if os.path.exists(old):
-    shutil.rmtree(old)
-  if os.path.exists(final):
-    os.replace(final, old)
-  os.replace(tmp, final)
-  if os.path.exists(old):
-    shutil.rmtree(old)
+def _replace_dir(tmp, final) -> None:
+  """Moves a finished `tmp` folder onto `final`; a local reader never sees half a folder.
+
+  (On an object store a folder rename copies object by object: a reader may then see
+  a partial folder for a moment, but never a partial file.)
+  """
+  old = final.parent / (final.name + ".old")
+  if old.exists():
+    old.rmtree()
+  if final.exists():
+    final.rename(old)
+  tmp.rename(final)
+  if old.exists():
+    old.rmtree()
 
 
 def export_stage(unet_graphdef, params, out_dir: str, dtype=None) -> str:
@@ -284,13 +289,13 @@ def export_stage(unet_graphdef, params, out_dir: str, dtype=None) -> str:
   (e.g. np.float16) converts on the way out.
   """
   unet = nnx.merge(unet_graphdef, params)
-  out_dir = os.path.abspath(out_dir)
-  tmp = f"{out_dir}.tmp-{os.getpid()}"
-  if os.path.exists(tmp):
-    shutil.rmtree(tmp)
+  out_dir = utils.absolute(out_dir)
+  tmp = out_dir.parent / f"{out_dir.name}.tmp-{os.getpid()}"
+  if tmp.exists():
+    tmp.rmtree()
   save_unet_diffusers(unet, tmp, dtype=dtype)
   _replace_dir(tmp, out_dir)
-  return out_dir
+  return str(out_dir)
 
 
 def export_final(workdir: str, stages: Mapping[str, tuple[Any, Any]], info: Mapping[str, Any],
@@ -302,18 +307,15 @@ def export_final(workdir: str, stages: Mapping[str, tuple[Any, Any]], info: Mapp
   as given, plus `stages` (the exported names, if absent) and `folders` (name
   -> folder relative to export/). Returns the export directory.
   """
-  export = os.path.join(os.path.abspath(workdir), "export")
-  os.makedirs(export, exist_ok=True)
+  export = utils.absolute(workdir) / "export"
+  export.mkdir(parents=True, exist_ok=True)
   for name, (graphdef, params) in stages.items():
-    export_stage(graphdef, params, os.path.join(export, name), dtype=dtype)
+    export_stage(graphdef, params, export / name, dtype=dtype)
   record = dict(info)
   record.setdefault("stages", list(stages))
   record["folders"] = {name: name for name in stages}
-  path = os.path.join(export, EXPORT_INFO)
-  with open(path + ".tmp", "w") as f:
-    json.dump(record, f, indent=2, default=str)
-  os.replace(path + ".tmp", path)
-  return export
+  utils.write_json(export / EXPORT_INFO, record, indent=2, default=str)
+  return str(export)
 
 
 def export_token_rows(export_dir: str, tokens, rows: np.ndarray) -> str:
@@ -325,17 +327,18 @@ def export_token_rows(export_dir: str, tokens, rows: np.ndarray) -> str:
   tokens = list(tokens)
   if len(tokens) != rows.shape[0]:
     raise ValueError(f"{len(tokens)} tokens but {rows.shape[0]} rows")
-  path = os.path.join(export_dir, TOKENS_FILE)
+  path = utils.as_path(export_dir) / TOKENS_FILE
   save_file({t: np.asarray(r, np.float32) for t, r in zip(tokens, rows)}, path,
             metadata={"tokens": json.dumps(tokens)})
-  return path
+  return str(path)
 
 
 def load_token_rows(path: str) -> tuple[list[str], np.ndarray]:
   """(tokens, rows [K, d_model]) of an `export_token_rows` file."""
-  if not os.path.isfile(path):
-    raise WeightsError(f"no learned token file at {path!r} (written by a textual_inversion or "
+  path = utils.as_path(path)
+  if not path.exists():
+    raise WeightsError(f"no learned token file at {str(path)!r} (written by a textual_inversion or "
                        "ti_then_finetune run into its export/ folder)")
-  f = SafetensorsFile(path)
+  f = SafetensorsFile(str(path), data=path.read_bytes())
   tokens = json.loads(f.metadata.get("tokens", "[]")) or sorted(f)
   return tokens, np.stack([np.asarray(f[t], np.float32) for t in tokens])

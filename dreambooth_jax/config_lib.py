@@ -9,11 +9,11 @@ the type of their default. Configs are locked after building, so a typo in
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 import ml_collections
+
+from dreambooth_jax import utils
 
 STAGES = ("base", "sr256", "sr1024")
 
@@ -70,17 +70,13 @@ def to_json(config: ml_collections.ConfigDict) -> str:
   return config.to_json_best_effort(indent=2, sort_keys=True)
 
 
-def save(config: ml_collections.ConfigDict, path: str):
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(to_json(config))
-  os.replace(tmp, path)
+def save(config: ml_collections.ConfigDict, path):
+  utils.write_text(path, to_json(config))
 
 
-def load(path: str) -> ml_collections.ConfigDict:
+def load(path) -> ml_collections.ConfigDict:
   """A config saved by `save` (the workdir's config.json), locked."""
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = ml_collections.ConfigDict(utils.read_json(path))
   config.lock()
   return config
 

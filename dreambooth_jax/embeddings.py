@@ -29,7 +29,6 @@ import functools
 import hashlib
 import json
 import os
-import uuid
 from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import jax
@@ -38,7 +37,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dreambooth_jax import sharding
+from dreambooth_jax import sharding, utils
 from dreambooth_jax.text import Tokenizer
 from dreambooth_jax.weights.safetensors_io import SafetensorsFile, WeightsError, save_file
 
@@ -109,10 +108,11 @@ def encoder_fingerprint(encoder: str | nnx.Module, tokenizer: Tokenizer | str, *
   Covers: the encoder (a Hugging Face folder: config, safetensors headers and
   sampled bytes, see `_hash_weights_folder`; or a model in memory: config,
   parameter shapes, dtypes and sampled values), the tokenizer (all of
-  spiece.model's bytes, max_length, sentinel count), the compute `dtype` the
-  encoder runs in, and anything in `extra` (JSON-able, e.g. a random-init seed
-  or a learned token's version). Not covered: a deliberate edit of weight bytes
-  between the sampled ones; delete the cache folder after such surgery.
+  spiece.model's bytes, max_length, sentinel count, prompt preprocessing
+  mode), the compute `dtype` the encoder runs in, and anything in `extra`
+  (JSON-able, e.g. a random-init seed or a learned token's version). Not
+  covered: a deliberate edit of weight bytes between the sampled ones; delete
+  the cache folder after such surgery.
   """
   h = hashlib.sha256(b"dreambooth_jax.embeddings.v1")
   if isinstance(encoder, str):
@@ -124,7 +124,7 @@ def encoder_fingerprint(encoder: str | nnx.Module, tokenizer: Tokenizer | str, *
   tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_pretrained(tokenizer)
   with open(tok.path, "rb") as f:
     h.update(hashlib.sha256(f.read()).digest())
-  h.update(f"\0{tok.max_length}\0{tok.extra_ids}\0{dtype}\0".encode())
+  h.update(f"\0{tok.max_length}\0{tok.extra_ids}\0{tok.preprocess}\0{dtype}\0".encode())
   h.update(json.dumps(dict(extra or {}), sort_keys=True, default=str).encode())
   return h.hexdigest()[:32]
 
@@ -183,11 +183,14 @@ def encode_prompts(t5: nnx.Module, tokenizer: Tokenizer, prompts: Sequence[str],
     raise ValueError("encode_prompts needs at least one prompt")
   graphdef, params = nnx.split(t5)
   put = lambda x: x
+  if mesh is None:  # an encoder loaded onto a mesh (pipeline.build) encodes on that mesh
+    mesh = next((x.sharding.mesh for x in jax.tree.leaves(params)
+                 if isinstance(getattr(x, "sharding", None), NamedSharding)), None)
   if mesh is not None:
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]  # the axes batch_sharding splits over
-    batch_size = -(-batch_size // shards) * shards
+    shards = sharding.data_parallelism(mesh)
+    batch_size = -(-batch_size // shards) * shards  # a multiple: the batch always splits
     params = jax.device_put(params, sharding.param_shardings(params, mesh, rules))
-    batch_sh = sharding.batch_sharding(mesh, 2)
+    batch_sh = sharding.batch_sharding(mesh, (batch_size, 1))
     put = lambda x: jax.device_put(x, batch_sh)
   embeddings, masks = [], []
   for start in range(0, len(prompts), batch_size):
@@ -235,31 +238,29 @@ class PromptEmbeddingCache:
 
   INDEX = "index.json"
 
-  def __init__(self, directory: str):
-    self.directory = str(directory)
-    os.makedirs(self.directory, exist_ok=True)
+  def __init__(self, directory):
+    self.directory = utils.as_path(directory)  # local or remote (a gs:// workdir)
+    self.directory.mkdir(parents=True, exist_ok=True)
     self.hits = 0
     self.misses = 0
 
-  def path(self, prompt: str, fingerprint: str) -> str:
+  def path(self, prompt: str, fingerprint: str):
     key = hashlib.sha256(f"{fingerprint}\0{prompt}".encode("utf-8")).hexdigest()
-    return os.path.join(self.directory, key + ".safetensors")
+    return self.directory / (key + ".safetensors")
 
   def load(self, prompt: str, fingerprint: str) -> PromptEmbedding | None:
     """The stored embedding, or None when absent or not trustworthy."""
     path = self.path(prompt, fingerprint)
-    if not os.path.isfile(path):
-      return None
     try:
-      # Checked first: a garbage length would make the reader try to allocate it.
-      with open(path, "rb") as raw:
-        if int.from_bytes(raw.read(8), "little") > os.path.getsize(path) - 8:
-          return None
-      f = SafetensorsFile(path)
+      if not path.exists():
+        return None
+      # Read whole (a few MB at most), so remote files work too; the parser checks the
+      # header length against the size before trusting it.
+      f = SafetensorsFile(os.fspath(path), data=path.read_bytes())
       if (f.metadata.get("prompt") != prompt or f.metadata.get("fingerprint") != fingerprint
           or set(f) != {"embeddings", "attention_mask"}):
         return None
-      # Copies: the memory map must not outlive this call (the file may be replaced).
+      # Copies: the buffer must not outlive this call.
       emb, mask = np.array(f["embeddings"]), np.array(f["attention_mask"])
     except (WeightsError, ValueError, OSError, KeyError, TypeError, OverflowError, MemoryError):
       return None
@@ -293,30 +294,22 @@ class PromptEmbeddingCache:
     return out
 
   def _write(self, prompt: str, fingerprint: str, entry: PromptEmbedding):
-    path = self.path(prompt, fingerprint)
-    # A name of our own: save_file's fixed "<path>.tmp" could be shared by two processes.
-    tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex}"
-    save_file({"embeddings": entry.embeddings, "attention_mask": entry.mask}, tmp,
-              metadata={"prompt": prompt, "fingerprint": fingerprint})
-    os.replace(tmp, path)
+    # save_file writes atomically under a unique temporary name (processes may race).
+    save_file({"embeddings": entry.embeddings, "attention_mask": entry.mask},
+              self.path(prompt, fingerprint), metadata={"prompt": prompt, "fingerprint": fingerprint})
 
   def _update_index(self, prompts: Sequence[str], fingerprint: str):
     """Adds entries to index.json (for people: lookups go by file name, never through it)."""
-    index_path = os.path.join(self.directory, self.INDEX)
+    index_path = self.directory / self.INDEX
     try:
-      with open(index_path, encoding="utf-8") as f:
-        index = json.load(f)
+      index = json.loads(index_path.read_text(encoding="utf-8"))
       if not isinstance(index, dict):
         index = {}
     except (OSError, ValueError):
       index = {}
     for prompt in prompts:
-      index[os.path.basename(self.path(prompt, fingerprint))] = {
-          "prompt": prompt, "fingerprint": fingerprint}
-    tmp = f"{index_path}.{os.getpid()}.{uuid.uuid4().hex}"
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(index, f, ensure_ascii=False, indent=1, sort_keys=True)
-    os.replace(tmp, index_path)
+      index[self.path(prompt, fingerprint).name] = {"prompt": prompt, "fingerprint": fingerprint}
+    utils.write_json(index_path, index, ensure_ascii=False, indent=1, sort_keys=True)
 
 
 def _valid(emb: np.ndarray, mask: np.ndarray) -> bool:

@@ -34,11 +34,7 @@ anything is generated.
 from __future__ import annotations
 
 import dataclasses
-import glob
-import json
-import os
 import re
-import sys
 from typing import Any, Sequence
 
 from absl import app, flags, logging
@@ -48,7 +44,7 @@ import numpy as np
 from PIL import Image
 
 from dreambooth_jax import benchmark as benchmark_lib
-from dreambooth_jax import metrics, metrics_writer, sharding
+from dreambooth_jax import metrics, metrics_writer, sharding, utils
 from dreambooth_jax import sample as sample_lib  # also defines --seed and --out, reused here
 from dreambooth_jax import train as train_lib  # defines --workdir
 
@@ -116,47 +112,36 @@ def prompt_set(bench, subject, *, protocol: str, num_images: int, num_prompts: i
 # ----------------------------------------------------------------------------
 
 
-def _write_json(path: str, obj) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)  # a crash never leaves half a manifest or report
+def _load_pngs(paths) -> np.ndarray:
+  out = []
+  for p in paths:
+    with p.open("rb") as f:
+      out.append(np.asarray(Image.open(f).convert("RGB")))
+  return np.stack(out)
 
 
-def _save_png(path: str, image: np.ndarray) -> None:
-  tmp = path + ".tmp.png"
-  Image.fromarray(image).save(tmp)
-  os.replace(tmp, path)
-
-
-def _load_pngs(paths: Sequence[str]) -> np.ndarray:
-  return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
-
-
-def generate_jobs(tuned, folder: str, jobs: Sequence[Job], *, seed: int, batch_size: int,
+def generate_jobs(tuned, folder, jobs: Sequence[Job], *, seed: int, batch_size: int,
                   mesh=None, label: str = "") -> tuple[dict[str, np.ndarray], int]:
   """({job key: uint8 [num, H, W, 3]} of the last stage, images generated now), resumable."""
-  os.makedirs(folder, exist_ok=True)
+  folder = utils.as_path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
   stage = tuned.models.cascade.stages[-1].name
-  manifest_path = os.path.join(folder, "manifest.json")
-  manifest = {"jobs": {}}
-  if os.path.isfile(manifest_path):
-    with open(manifest_path) as f:
-      manifest = json.load(f)
-  manifest["workdir"] = os.path.abspath(tuned.workdir)
-  paths = {j.key: [os.path.join(folder, f"{j.key}_{i}.png") for i in range(j.num)] for j in jobs}
+  manifest_path = folder / "manifest.json"
+  manifest = utils.read_json(manifest_path) if manifest_path.exists() else {"jobs": {}}
+  manifest["workdir"] = str(utils.absolute(tuned.workdir))
+  paths = {j.key: [folder / f"{j.key}_{i}.png" for i in range(j.num)] for j in jobs}
   entries = {j.key: dict(prompt=tuned.fill(j.template), seed=seed, rng_index=j.rng_index,
                          step=int(tuned.step), num=j.num, batch_size=batch_size, stage=stage)
              for j in jobs}
   for j in jobs:  # a changed prompt, seed or checkpoint invalidates that prompt's images
     if manifest["jobs"].get(j.key) != entries[j.key]:
-      for p in glob.glob(os.path.join(folder, f"{j.key}_*.png")):
-        os.remove(p)
+      for p in folder.glob(f"{j.key}_*.png"):
+        p.unlink()
       manifest["jobs"][j.key] = entries[j.key]
-  _write_json(manifest_path, manifest)  # written before the PNGs it describes
+  utils.write_json(manifest_path, manifest)  # written before the PNGs it describes
 
   total = sum(j.num for j in jobs)
-  todo = sum(not os.path.isfile(p) for ps in paths.values() for p in ps)
+  todo = sum(not p.exists() for ps in paths.values() for p in ps)
   if todo:
     tuned.embed([entries[j.key]["prompt"] for j in jobs] + [""])  # T5 once, for every prompt
   from tqdm import tqdm
@@ -166,7 +151,7 @@ def generate_jobs(tuned, folder: str, jobs: Sequence[Job], *, seed: int, batch_s
   for j in jobs:
     for c, start in enumerate(range(0, j.num, batch_size)):
       chunk = paths[j.key][start:start + batch_size]
-      if all(os.path.isfile(p) for p in chunk):
+      if all(p.exists() for p in chunk):
         continue
       # Per-chunk keys: an interrupted prompt resumes with the same images it would have had.
       rng = jax.random.fold_in(jax.random.fold_in(base, j.rng_index), c)
@@ -174,8 +159,8 @@ def generate_jobs(tuned, folder: str, jobs: Sequence[Job], *, seed: int, batch_s
       shard = mesh if mesh is not None and n % mesh.devices.size == 0 else None
       images = tuned.generate(j.template, n, rng, mesh=shard)[stage]
       for p, img in zip(chunk, images):
-        if not os.path.isfile(p):
-          _save_png(p, img)
+        if not p.exists():
+          utils.write_png(p, img)
           bar.update(1)
   bar.close()
   return {j.key: _load_pngs(paths[j.key]) for j in jobs}, todo
@@ -239,12 +224,12 @@ def _check_settings(workdirs, dataset, subject_name, protocol, num_images, num_c
                     f"and --num_class_images at least 1")
   if batch_size < 1:
     raise EvalError(f"--batch_size={batch_size} must be at least 1")
-  if len(set(map(os.path.abspath, workdirs))) != len(workdirs):
+  if len({str(utils.absolute(w)) for w in workdirs}) != len(workdirs):
     raise EvalError(f"--workdir lists a folder twice: {','.join(workdirs)}")
   for w in workdirs:
-    if not os.path.isfile(os.path.join(w, "config.json")):
+    if not (utils.as_path(w) / "config.json").exists():
       raise EvalError(f"--workdir={w} has no config.json: pass a dreambooth_jax.train workdir")
-    if not os.path.isfile(os.path.join(w, "identifier.json")):
+    if not (utils.as_path(w) / "identifier.json").exists():
       raise EvalError(f"--workdir={w} has no identifier.json: training never started there")
 
 
@@ -278,8 +263,9 @@ def run(workdirs: Sequence[str], dataset: str, subject: str, dino: str, clip: st
   if out is None:
     if not workdirs:
       raise EvalError("--out is needed with --real alone (there is no workdir to write into)")
-    out = os.path.join(workdirs[0], "eval")
-  os.makedirs(out, exist_ok=True)
+    out = utils.as_path(workdirs[0]) / "eval"
+  out = utils.as_path(out)
+  out.mkdir(parents=True, exist_ok=True)
 
   # == Real photos and encoders (weights errors surface here, before generation) ==
   real_images = bench.load_images(subj).images
@@ -297,11 +283,11 @@ def run(workdirs: Sequence[str], dataset: str, subject: str, dino: str, clip: st
                   div="mean LPIPS over distinct pairs within a prompt, then over prompts")
   rows = []
   if real:
-    grid = os.path.join(out, "real", "grid.png")
+    grid = out / "real" / "grid.png"
     metrics_writer.save_grid(grid, [(f"{subj.name} (real)",
                                      {"real": np.stack([_square(im) for im in real_images])})])
     rows.append(dict(label="Real images", method="real", workdir=None, step=None, identifier=None,
-                     stage=None, generated=0, grid=os.path.relpath(grid, out), per_prompt=[],
+                     stage=None, generated=0, grid="real/grid.png", per_prompt=[],
                      metrics={"DINO": metrics.mean_distinct_pair_cosine(real_dino),
                               "CLIP-I": metrics.mean_distinct_pair_cosine(real_clip),
                               "CLIP-T": None, "PRES": None, "DIV": None}))
@@ -314,34 +300,33 @@ def run(workdirs: Sequence[str], dataset: str, subject: str, dino: str, clip: st
     if tuned.class_noun != subj.class_noun:
       logging.warning("%s was trained on class %r but --subject=%s is a %r; prompts use %r",
                       w, tuned.class_noun, subj.name, subj.class_noun, subj.class_noun)
-    label = f"{tuned.method} ({os.path.basename(os.path.normpath(w))})"
+    label = f"{tuned.method} ({utils.as_path(w).name})"
     folder_name = _slug(label.replace(" (", "-"))
     while folder_name in used or folder_name == "real":
       folder_name += "_"
     used.add(folder_name)
-    folder = os.path.join(out, folder_name)
+    folder = out / folder_name
     images, generated = generate_jobs(tuned, folder, jobs + [class_job], seed=seed,
                                       batch_size=batch_size, mesh=mesh, label=label)
     row_metrics, per_prompt = score_generated(enc, jobs, images, images[CLASS_KEY],
                                               real_dino, real_clip)
     stage = tuned.models.cascade.stages[-1].name
-    grid = os.path.join(folder, "grid.png")
+    grid = folder / "grid.png"
     shown = jobs[:GRID_PROMPTS] + [class_job]
     metrics_writer.save_grid(grid, [(tuned.fill(j.template), {stage: images[j.key][:8]})
                                     for j in shown])
-    rows.append(dict(label=label, method=tuned.method, workdir=os.path.abspath(w),
+    rows.append(dict(label=label, method=tuned.method, workdir=str(utils.absolute(w)),
                      step=int(tuned.step), identifier=tuned.identifier.text, stage=stage,
                      resolution=int(images[jobs[0].key].shape[1]), generated=generated,
-                     grid=os.path.relpath(grid, out), per_prompt=per_prompt,
+                     grid=f"{folder_name}/grid.png", per_prompt=per_prompt,
                      metrics=row_metrics))
     del tuned  # one cascade in memory at a time
 
   # == Report =======================================================================
   report = dict(settings=settings, prompts=[dataclasses.asdict(j) for j in jobs + [class_job]],
                 rows=rows, paper=PAPER)
-  _write_json(os.path.join(out, "report.json"), report)
-  with open(os.path.join(out, "report.md"), "w") as f:
-    f.write(markdown(report))
+  utils.write_json(out / "report.json", report)
+  utils.write_text(out / "report.md", markdown(report))
   return report
 
 
@@ -391,20 +376,14 @@ def main(argv):
   report = run(workdirs, f.dataset, f.subject, f.dino, f.clip, f.lpips, num_images=f.num_images,
                num_prompts=f.num_prompts, protocol=f.protocol, real=f.real, out=f.out, seed=f.seed,
                num_class_images=f.num_class_images, batch_size=f.batch_size)
-  out = f.out or os.path.join(workdirs[0], "eval")
+  out = f.out or utils.as_path(workdirs[0]) / "eval"
   for r in report["rows"]:
     print(f"{r['label']}: " + "  ".join(f"{m} {_fmt(r['metrics'][m])}" for m in METRICS))
-  print(f"wrote {os.path.join(out, 'report.md')} and report.json", flush=True)
+  print(f"wrote {utils.as_path(out) / 'report.md'} and report.json", flush=True)
 
 
 def cli(argv):
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
-  try:
-    main(argv)
-  except USER_ERRORS as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
+  utils.run_cli(main, argv, USER_ERRORS)
 
 
 if __name__ == "__main__":

@@ -10,25 +10,35 @@ from typing import Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from dreambooth_jax import utils
+
 
 class MetricsWriter:
   """Appends `{"step": k, ...}` lines to workdir/metrics.jsonl and TensorBoard scalars."""
 
-  def __init__(self, workdir: str, *, tensorboard: bool = True, enabled: bool = True):
+  def __init__(self, workdir, *, tensorboard: bool = True, enabled: bool = True):
     self.enabled = enabled
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = utils.as_path(workdir) / "metrics.jsonl"
+    self._remote = utils.is_remote(self.path)
+    # Object stores cannot append: remote runs rewrite the whole (small) file each time.
+    self._rows = ([line for line in self.path.read_text().splitlines() if line]
+                  if self._remote and enabled and self.path.exists() else [])
     self._tb = None
     if enabled and tensorboard:
       from tensorboardX import SummaryWriter  # imported lazily: pulls in protobuf
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(os.fspath(utils.as_path(workdir) / "tensorboard"))
 
   def write(self, step: int, metrics: Mapping[str, float]):
     if not self.enabled:
       return
     row = {"step": int(step), "time": time.time(),
            **{k: float(np.asarray(v)) for k, v in metrics.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    if self._remote:
+      self._rows.append(json.dumps(row))
+      utils.write_text(self.path, "\n".join(self._rows) + "\n")
+    else:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(row) + "\n")
     if self._tb is not None:
       for k, v in row.items():
         if k not in ("step", "time"):
@@ -56,13 +66,13 @@ class progress:  # noqa: N801 - used like a function, as tqdm is
     self._bar.close()
 
 
-def save_grid(path: str, rows: Sequence[tuple[str, Mapping[str, np.ndarray]]], *, cell: int = 128):
+def save_grid(path, rows: Sequence[tuple[str, Mapping[str, np.ndarray]]], *, cell: int = 128):
   """One PNG: a row per prompt (caption on the left), every stage's images side by side.
 
   rows: [(prompt, {stage: uint8 [N, H, W, 3]})]. Images are shown at `cell`
   px (nearest) so stages of different resolutions line up.
   """
-  os.makedirs(os.path.dirname(path), exist_ok=True)
+  utils.as_path(path).parent.mkdir(parents=True, exist_ok=True)
   label_w = 220
   ncols = max(sum(len(v) for v in imgs.values()) for _, imgs in rows)
   grid = Image.new("RGB", (label_w + ncols * cell, len(rows) * (cell + 14)), "white")
@@ -77,6 +87,4 @@ def save_grid(path: str, rows: Sequence[tuple[str, Mapping[str, np.ndarray]]], *
         grid.paste(tile, (label_w + c * cell, y))
         draw.text((label_w + c * cell + 2, y + cell), f"{stage} {img.shape[0]}px", fill="gray")
         c += 1
-  tmp = path + ".tmp.png"
-  grid.save(tmp)
-  os.replace(tmp, path)
+  utils.write_png(path, grid)

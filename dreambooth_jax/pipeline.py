@@ -16,22 +16,25 @@ the next stage too when it is available.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import json
 import os
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
 from dreambooth_jax import cascade as cascade_lib
-from dreambooth_jax import config_lib, embeddings, text
+from dreambooth_jax import config_lib, embeddings, sharding, text
 from dreambooth_jax.models import t5 as t5_lib
 from dreambooth_jax.models.layers import KeyGen, random_init
-from dreambooth_jax.models.unet import UNetConfig, init_unet
-from dreambooth_jax.weights import WeightsError, load_unet
-from dreambooth_jax.weights.safetensors_io import read_config
-from dreambooth_jax.weights.t5 import load_t5_encoder
+from dreambooth_jax.models.unet import UNetConfig, abstract_unet, init_unet
+from dreambooth_jax.weights import load_unet
+from dreambooth_jax.weights import preflight as weights_preflight
+from dreambooth_jax.weights.t5 import abstract_t5_encoder, load_t5_encoder
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 PRETRAINED_KEYS = {"base": "stage_1", "sr256": "stage_2", "sr1024": "stage_3"}
@@ -41,13 +44,15 @@ SCHEDULERS = {"base": cascade_lib.IF_STAGE_I_SCHEDULER, "sr256": cascade_lib.IF_
 
 @dataclasses.dataclass
 class Models:
-  cascade: cascade_lib.Cascade
+  cascade: cascade_lib.Cascade        # stages load their UNets on first use, sharded
   tokenizer: text.Tokenizer
-  load_t5: Callable[[], nnx.Module]   # loads (or builds) the encoder only when called
+  load_t5: Callable[[], nnx.Module]   # loads (or builds) the encoder, sharded, when called
   text_fingerprint: str                # names what determines a prompt's embedding
   weights_fingerprint: str             # names the frozen cascade (for the class-prior cache)
   tuned: tuple[str, ...]               # stages being fine-tuned (or whose loss TI uses)
   t5_width: int                        # d_model: the width of a learned token row
+  mesh: jax.sharding.Mesh | None = None  # where weights are placed when loaded
+  rules: tuple = sharding.DEFAULT_RULES
 
 
 def _dtype(name: str):
@@ -84,11 +89,6 @@ def tiny_unet_config(name: str, config: ml_collections.ConfigDict) -> UNetConfig
       source=f"tiny {name}")
 
 
-def _unet_dir(folder: str) -> str:
-  sub = os.path.join(folder, "unet")
-  return sub if os.path.isfile(os.path.join(sub, "config.json")) else folder
-
-
 def _stage_names(config, tuned: tuple[str, ...]) -> list[str]:
   order = list(config_lib.STAGES)
   last = max(order.index(s) for s in tuned)
@@ -108,75 +108,120 @@ def _stage_names(config, tuned: tuple[str, ...]) -> list[str]:
   return names
 
 
-def check_pretrained_folders(config) -> None:
-  """Fails early, before any data or model work, on folders that are not there."""
+def check_pretrained_folders(config) -> weights_preflight.Preflight | None:
+  """Checks every pretrained folder a config names before any data or model work.
+
+  Reads configs and safetensors headers only (milliseconds): each UNet is the kind
+  its stage needs, every tensor name and shape matches its config, every shard is
+  there, T5's width fits the UNets and the tokenizer fits T5. All broken folders
+  are reported at once; None for the tiny models.
+  """
   if config.model.kind != "pretrained":
-    return
+    return None
   tuned = config_lib.parse_stages(config.stages)
-  for name in _stage_names(config, tuned):
-    folder = _unet_dir(config.pretrained[PRETRAINED_KEYS[name]])
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-      raise WeightsError(f"config.pretrained.{PRETRAINED_KEYS[name]}={folder!r} has no UNet "
-                         "(config.json + diffusion_pytorch_model.safetensors, or a unet/ folder). "
-                         "Download the DeepFloyd IF model there first.")
   for key in ("t5", "tokenizer"):
     if not config.pretrained[key]:
       raise config_lib.ConfigError(f"config.pretrained.{key} is empty: pass the folder of the "
-                                   "T5 v1.1 XXL encoder / its tokenizer (spiece.model)")
-  if not os.path.isfile(os.path.join(config.pretrained.tokenizer, "spiece.model")):
-    raise WeightsError(f"config.pretrained.tokenizer={config.pretrained.tokenizer!r} has no "
-                       "spiece.model")
+                                   "T5 v1.1 XXL encoder / its tokenizer (spiece.model), e.g. "
+                                   "IF-I-XL-v1.0/text_encoder and IF-I-XL-v1.0/tokenizer")
+  unets = {PRETRAINED_KEYS[n]: config.pretrained[PRETRAINED_KEYS[n]] for n in _stage_names(config, tuned)}
+  return weights_preflight.check_pretrained(unets, t5=config.pretrained.t5,
+                                            tokenizer=config.pretrained.tokenizer)
 
 
-def build(config: ml_collections.ConfigDict) -> Models:
-  """Builds the cascade (params on host), the tokenizer and the T5 loader."""
+def rules_of(config) -> tuple:
+  """The logical sharding rules of a config: `config.sharding_rules` or the defaults."""
+  rules = config.get("sharding_rules")
+  if not rules:
+    return sharding.DEFAULT_RULES
+  if isinstance(rules, str):  # older workdirs stored the rules as a JSON string
+    rules = json.loads(rules)
+  return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
+
+
+def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> Models:
+  """The cascade, the tokenizer and the T5 loader of a config; nothing heavy is loaded.
+
+  Weights load when first used, each tensor straight into the sharding its logical
+  axes give on `mesh` (default: every device on fsdp), so no device ever holds a
+  whole multi-GiB UNet or T5 and host memory stays at about one tensor.
+  """
   tuned = config_lib.parse_stages(config.stages)
-  check_pretrained_folders(config)
-  dtype, param_dtype = _dtype(config.model.dtype), _dtype(config.model.param_dtype)
-  tiny = config.model.kind == "tiny"
   if config.model.kind not in ("tiny", "pretrained"):
     raise config_lib.ConfigError(f"config.model.kind={config.model.kind!r}: use tiny or pretrained")
+  checked = check_pretrained_folders(config)
+  mesh = mesh if mesh is not None else sharding.make_mesh()
+  rules = rules_of(config)
+  dtype, param_dtype = _dtype(config.model.dtype), _dtype(config.model.param_dtype)
+  tiny = config.model.kind == "tiny"
+  text_mask = bool(config.model.get("unet_text_mask", False))
   stages, prints = [], []
   names = _stage_names(config, tuned)
   for i, name in enumerate(names):
     if tiny:
-      unet = init_unet(tiny_unet_config(name, config), seed=config.tiny.seed * 100 + i, dtype=dtype,
-                       param_dtype=param_dtype, remat=config.model.remat)
+      cfg = tiny_unet_config(name, config)
+      load = functools.partial(_tiny_unet_params, cfg, config.tiny.seed * 100 + i, mesh, rules,
+                               dtype=dtype, param_dtype=param_dtype, remat=config.model.remat)
       sched = SCHEDULERS[name]
-      prints.append(f"tiny:{name}:{config.tiny.seed}:{tiny_unet_config(name, config)}")
+      prints.append(f"tiny:{name}:{config.tiny.seed}:{cfg}")
     else:
-      folder = _unet_dir(config.pretrained[PRETRAINED_KEYS[name]])
-      unet = load_unet(folder, param_dtype, compute_dtype=dtype, remat=config.model.remat)
+      found = checked.unets[PRETRAINED_KEYS[name]]
+      folder, cfg = found.folder, found.config
+      load = functools.partial(_pretrained_unet_params, folder, cfg, mesh, rules, dtype=dtype,
+                               param_dtype=param_dtype, remat=config.model.remat)
       sched = cascade_lib.scheduler_config_for(folder, SCHEDULERS[name])
       prints.append(_folder_fingerprint(folder))
+    prints.append(f"text_mask={text_mask}")
+    abstract = abstract_unet(cfg, dtype=dtype, param_dtype=param_dtype, remat=config.model.remat)
     settings = config.cascade[name]
     stages.append(cascade_lib.Stage(
-        name, unet,
+        name, abstract,
         cascade_lib.StageSettings(resolution=settings.resolution, guidance_scale=settings.guidance_scale,
                                   num_steps=settings.num_steps, sampler=settings.sampler,
                                   sample_aug_level=settings.sample_aug_level,
-                                  train_aug_level=settings.train_aug_level),
+                                  train_aug_level=settings.train_aug_level, text_mask=text_mask),
         scheduler_config=sched,
-        lowres_resolution=None if i == 0 else config.cascade[names[i - 1]].resolution))
+        lowres_resolution=None if i == 0 else config.cascade[names[i - 1]].resolution,
+        load_params=load))
   tokenizer = _tokenizer(config)
   t5_dtype = _dtype(config.model.t5_dtype)
   if tiny:
     t5_config = tiny_t5_config(config, tokenizer)
-    load_t5 = lambda: random_init(nnx.eval_shape(lambda: t5_lib.T5EncoderModel(
-        t5_config, dtype=t5_dtype, param_dtype=t5_dtype, rngs=KeyGen(0))), config.tiny.seed + 7)
+    load_t5 = functools.partial(_tiny_t5, t5_config, config.tiny.seed + 7, t5_dtype, mesh, rules)
     text_print = embeddings.encoder_fingerprint(load_t5(), tokenizer, dtype=str(t5_dtype))
     width = t5_config.d_model
   else:
     # remat: textual inversion backpropagates through the frozen T5-XXL.
-    load_t5 = lambda: load_t5_encoder(config.pretrained.t5, t5_dtype, remat=config.model.remat)
-    text_print = embeddings.encoder_fingerprint(config.pretrained.t5, tokenizer, dtype=str(t5_dtype))
-    width = int(read_config(config.pretrained.t5)["d_model"])
+    folder = checked.t5.folder
+    load_t5 = lambda: load_t5_encoder(
+        folder, t5_dtype, remat=config.model.remat,
+        place=sharding.placer(nnx.state(abstract_t5_encoder(folder, t5_dtype)), mesh, rules, t5_dtype))
+    text_print = embeddings.encoder_fingerprint(folder, tokenizer, dtype=str(t5_dtype))
+    width = checked.t5.config.d_model
   weights_print = hashlib.sha256("\n".join(prints + [text_print]).encode()).hexdigest()[:32]
   learned = config.get("learned_token", {}).get("text")
   if learned:  # after the fingerprints: a learned token changes no plain prompt
     tokenizer = tokenizer.with_learned_tokens([learned])
   return Models(cascade_lib.Cascade(stages), tokenizer, load_t5, text_print, weights_print, tuned,
-                width)
+                width, mesh, rules)
+
+
+def _tiny_unet_params(cfg, seed, mesh, rules, **kw):
+  return sharding.place_state(nnx.state(init_unet(cfg, seed=seed, **kw)), mesh, rules)
+
+
+def _pretrained_unet_params(folder, cfg, mesh, rules, *, dtype, param_dtype, remat):
+  abstract = nnx.state(abstract_unet(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat))
+  unet = load_unet(folder, param_dtype, compute_dtype=dtype, remat=remat,
+                   place=sharding.placer(abstract, mesh, rules, param_dtype))
+  return nnx.state(unet)
+
+
+def _tiny_t5(t5_config, seed, dtype, mesh, rules):
+  model = random_init(nnx.eval_shape(lambda: t5_lib.T5EncoderModel(
+      t5_config, dtype=dtype, param_dtype=dtype, rngs=KeyGen(0))), seed)
+  graphdef, state = nnx.split(model)
+  return nnx.merge(graphdef, sharding.place_state(state, mesh, rules))
 
 
 def tiny_t5_config(config, tokenizer: text.Tokenizer) -> t5_lib.T5Config:
@@ -187,9 +232,13 @@ def tiny_t5_config(config, tokenizer: text.Tokenizer) -> t5_lib.T5Config:
 
 
 def _tokenizer(config) -> text.Tokenizer:
+  # Configs saved before prompt preprocessing existed ran prompts as typed.
+  mode = config.model.get("prompt_preprocessing", "none")
   if config.model.kind == "tiny":
-    return text.Tokenizer.from_pretrained(config.tiny.tokenizer or os.path.join(ASSETS, "tiny_t5"))
-  return text.Tokenizer.from_pretrained(config.pretrained.tokenizer)
+    folder = config.tiny.tokenizer or os.path.join(ASSETS, "tiny_t5")
+  else:  # a tokenizer/ folder, or the pipeline folder holding one (checked by the preflight)
+    folder = weights_preflight.check_tokenizer_folder(config.pretrained.tokenizer).folder
+  return text.Tokenizer.from_pretrained(folder, preprocess=mode)
 
 
 def _folder_fingerprint(folder: str) -> str:

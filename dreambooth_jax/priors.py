@@ -49,7 +49,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import time
 import uuid
 from typing import Any, Mapping
@@ -60,6 +59,7 @@ from jax.experimental import multihost_utils
 from PIL import Image
 from tqdm import tqdm
 
+from dreambooth_jax import utils
 from dreambooth_jax.cascade import Cascade, StageSettings
 
 __all__ = ["PriorSpec", "StageSampling", "GenerationReport", "PriorsError", "generate_priors",
@@ -230,14 +230,13 @@ def _name(index: int) -> str:
   return f"{index:05d}"
 
 
-def _read_manifest(out_dir: str) -> dict | None:
+def _read_manifest(out_dir) -> dict | None:
   """The manifest, None when absent; raises PriorsError when present but unreadable."""
-  path = os.path.join(out_dir, MANIFEST)
-  if not os.path.exists(path):
+  path = out_dir / MANIFEST
+  if not path.exists():
     return None
   try:
-    with open(path, encoding="utf-8") as f:
-      manifest = json.load(f)
+    manifest = json.loads(path.read_text(encoding="utf-8"))
   except (OSError, ValueError) as e:
     raise PriorsError(f"{path} cannot be read ({type(e).__name__}: {e})") from e
   if (not isinstance(manifest, dict) or manifest.get("format") != FORMAT
@@ -246,17 +245,8 @@ def _read_manifest(out_dir: str) -> dict | None:
   return manifest
 
 
-def _write_atomic(path: str, data: bytes):
-  # A name of our own, then os.replace: a crash never leaves a torn file under `path`.
-  tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
-
-
-def _write_manifest(out_dir: str, manifest: dict):
-  _write_atomic(os.path.join(out_dir, MANIFEST),
-                json.dumps(manifest, indent=1, sort_keys=True, ensure_ascii=False).encode("utf-8"))
+def _write_manifest(out_dir, manifest: dict):
+  utils.write_json(out_dir / MANIFEST, manifest, indent=1, sort_keys=True, ensure_ascii=False)
 
 
 def _changed_keys(manifest: dict, spec: PriorSpec) -> list[str]:
@@ -266,17 +256,17 @@ def _changed_keys(manifest: dict, spec: PriorSpec) -> list[str]:
   return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
-def _file_ok(out_dir: str, entry: Any, stage: str, index: int) -> bool:
+def _file_ok(out_dir, entry: Any, stage: str, index: int) -> bool:
   """The stored PNG exists and its bytes hash to the manifest's sha256."""
   try:
     record = entry["files"][stage]
-    with open(os.path.join(out_dir, stage, _name(index) + ".png"), "rb") as f:
-      return hashlib.sha256(f.read()).hexdigest() == record["sha256"]
+    raw = (out_dir / stage / (_name(index) + ".png")).read_bytes()
+    return hashlib.sha256(raw).hexdigest() == record["sha256"]
   except (OSError, KeyError, TypeError):
     return False
 
 
-def _valid_indices(out_dir: str, manifest: dict, spec: PriorSpec) -> set[int]:
+def _valid_indices(out_dir, manifest: dict, spec: PriorSpec) -> set[int]:
   """Indices < N whose every stage file matches the manifest (hashes checked)."""
   ok = set()
   for index in range(spec.num_images):
@@ -334,12 +324,12 @@ def _check_against_cascade(cascade: Cascade, spec: PriorSpec) -> dict[str, int]:
   return resolutions
 
 
-def _move_aside(out_dir: str, why: str) -> str:
-  stale = f"{out_dir.rstrip(os.sep)}.stale-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-  os.replace(out_dir, stale)
+def _move_aside(out_dir, why: str) -> str:
+  stale = out_dir.parent / f"{out_dir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+  out_dir.rename(stale)
   log.warning("class priors in %s %s: moved the folder aside to %s and regenerating (delete it "
               "once you are sure it is not needed)", out_dir, why, stale)
-  return stale
+  return str(stale)
 
 
 def _single_row(tree: Mapping[str, Any] | None, what: str) -> dict | None:
@@ -374,7 +364,7 @@ def generate_priors(cascade: Cascade, spec: PriorSpec, cond: Mapping[str, Any],
   cond, uncond = _single_row(cond, "cond"), _single_row(uncond, "uncond")
   if uncond is None and any(s.guidance_scale != 1.0 for _, s in spec.sampler):
     raise ValueError("guidance_scale != 1 needs the unconditional (\"\") embeddings as uncond")
-  out_dir = os.path.abspath(out_dir)
+  out_dir = utils.absolute(out_dir)  # local or remote (a gs:// workdir)
   conditioning = {"cond": _digest(cond), "uncond": _digest(uncond)}
 
   # -- process 0 decides what exists; the others follow (sampling is a collective) ---------
@@ -393,9 +383,8 @@ def generate_priors(cascade: Cascade, spec: PriorSpec, cond: Mapping[str, Any],
         log.warning("class priors in %s: the prompt embeddings differ from those recorded; the "
                     "fingerprint is trusted and the images are kept", out_dir)
       valid = _valid_indices(out_dir, manifest, spec)
-    os.makedirs(out_dir, exist_ok=True)
     for stage in spec.stages:
-      os.makedirs(os.path.join(out_dir, stage), exist_ok=True)
+      (out_dir / stage).mkdir(parents=True, exist_ok=True)
   todo = np.zeros(spec.num_batches, np.int32)
   for k in range(spec.num_batches):
     todo[k] = any(i not in valid for i in range(k * spec.batch_size,
@@ -433,7 +422,7 @@ def generate_priors(cascade: Cascade, spec: PriorSpec, cond: Mapping[str, Any],
           files = {}
           for stage in spec.stages:
             png = _encode_png(np.asarray(images[stage][i - first]))
-            _write_atomic(os.path.join(out_dir, stage, _name(i) + ".png"), png)
+            utils.write_bytes(out_dir / stage / (_name(i) + ".png"), png)
             files[stage] = {"path": f"{stage}/{_name(i)}.png",
                             "sha256": hashlib.sha256(png).hexdigest()}
           manifest["images"][_name(i)] = {"seed": spec.seed, "batch": k, "slot": i - first,
@@ -458,7 +447,7 @@ def load_priors(out_dir: str, spec: PriorSpec) -> dict[str, np.ndarray]:
   Raises PriorsError naming the problems when the cache is for another spec,
   incomplete or corrupt; `generate_priors` / `ensure_priors` repair it.
   """
-  out_dir = os.path.abspath(out_dir)
+  out_dir = utils.absolute(out_dir)
   fix = "run priors.ensure_priors (or generate_priors) with this spec to complete or repair it"
   manifest = _read_manifest(out_dir)
   if manifest is None:
@@ -479,8 +468,7 @@ def load_priors(out_dir: str, spec: PriorSpec) -> dict[str, np.ndarray]:
     for stage in spec.stages:
       rel = f"{stage}/{_name(index)}.png"
       try:
-        with open(os.path.join(out_dir, rel), "rb") as f:
-          raw = f.read()
+        raw = (out_dir / rel).read_bytes()
         if hashlib.sha256(raw).hexdigest() != entry["files"][stage]["sha256"]:
           problems.append(f"{rel}: sha256 differs from the manifest")
           continue
@@ -516,5 +504,5 @@ def ensure_priors(cascade: Cascade, spec: PriorSpec, cond: Mapping[str, Any],
     raise ValueError("ensure_priors generates everything; use generate_priors for max_batches")
   generate_priors(cascade, spec, cond, uncond, out_dir, **kwargs)
   if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(f"dreambooth_jax.priors:{os.path.abspath(out_dir)}")
+    multihost_utils.sync_global_devices(f"dreambooth_jax.priors:{utils.absolute(out_dir)}")
   return load_priors(out_dir, spec)

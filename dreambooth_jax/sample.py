@@ -14,17 +14,15 @@ notebooks use: `.embed(prompts)` and `.generate(prompts, num, seed)`.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
-import sys
 from typing import Any, Mapping, Sequence
 
-from absl import app, flags, logging
+from absl import app, flags
 
 import jax
 import numpy as np
 
-from dreambooth_jax import config_lib, embeddings, methods, metrics_writer, pipeline, text
+from dreambooth_jax import config_lib, embeddings, methods, metrics_writer, pipeline, text, utils
 from dreambooth_jax import train as train_lib
 
 # --workdir is the training CLI's flag (defined in dreambooth_jax.train, imported above).
@@ -36,15 +34,16 @@ flags.DEFINE_string("out", None, "Output PNG (default: <workdir>/samples/<prompt
 flags.DEFINE_string("stages", None, "Last stage to run, e.g. 'base' (default: all).")
 
 
-def load_workdir(workdir: str):
-  """(config, models, identifier) of a training workdir."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    raise train_lib.TrainError(f"{workdir!r} has no config.json: not a dreambooth_jax.train workdir")
+def load_workdir(workdir):
+  """(config, models, identifier) of a training workdir (local or remote)."""
+  workdir = utils.as_path(workdir)
+  path = workdir / "config.json"
+  if not path.exists():
+    raise train_lib.TrainError(f"{str(workdir)!r} has no config.json: not a dreambooth_jax.train "
+                               "workdir")
   config = config_lib.load(path)
   models = pipeline.build(config)
-  with open(os.path.join(workdir, "identifier.json")) as f:
-    identifier = text.Identifier.from_json(f.read())
+  identifier = text.Identifier.from_json((workdir / "identifier.json").read_text())
   return config, models, identifier
 
 
@@ -120,19 +119,13 @@ def sample(workdir: str, prompts: list[str], *, num: int = 4, seed: int = 0, ste
 def main(argv):
   del argv
   f = flags.FLAGS
-  if not f["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
-  try:
-    rows = sample(f.workdir, f.prompt, num=f.num, seed=f.seed, step=f.step, upto=f.stages)
-  except train_lib.USER_ERRORS as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
+  rows = sample(f.workdir, f.prompt, num=f.num, seed=f.seed, step=f.step, upto=f.stages)
   slug = re.sub(r"[^A-Za-z0-9]+", "_", rows[0][0]).strip("_")[:60] or "sample"
-  out = f.out or os.path.join(f.workdir, "samples", f"{slug}.png")
+  out = f.out or utils.as_path(f.workdir) / "samples" / f"{slug}.png"
   metrics_writer.save_grid(out, rows)
   print(f"wrote {out}", flush=True)
 
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["workdir", "prompt"])
-  app.run(main)
+  app.run(lambda argv: utils.run_cli(main, argv, train_lib.USER_ERRORS))

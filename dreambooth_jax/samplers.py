@@ -258,7 +258,7 @@ def split_rng(rng: Array) -> tuple[Array, Array]:
 def _loop(model_fn, steps: Steps, x_init, loop_key, noise, cond, uncond, guidance_scale, eta,
           *, sampler, config, mesh, clip_output):
   if mesh is not None:
-    constrain = lambda a: jax.lax.with_sharding_constraint(a, batch_sharding(mesh, a.ndim))
+    constrain = lambda a: jax.lax.with_sharding_constraint(a, batch_sharding(mesh, a.shape))
   else:
     constrain = lambda a: a
   cond, uncond = jax.tree.map(constrain, cond), jax.tree.map(constrain, uncond)

@@ -124,9 +124,73 @@ def param_shardings(state: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
                       is_leaf=lambda x: isinstance(x, P))
 
 
+def put(x, sharding: NamedSharding, dtype=None) -> jax.Array:
+  """A host array (numpy, or a memory-mapped safetensors view) as a global jax.Array laid
+  out as `sharding`, each device's shard read, cast and copied on its own.
+
+  No device ever holds more than its shard and the host never a cast copy of the
+  whole tensor (a `jnp.asarray` first would put all of it on device 0). Every
+  process reads just the shards of its own devices, so this is also the multi-host
+  load; replicated shardings read the whole tensor once per local device.
+  """
+  dtype = None if dtype is None else np.dtype(dtype)
+
+  def shard(index):
+    part = np.asarray(x[index])
+    return part if dtype is None or part.dtype == dtype else part.astype(dtype)
+  return jax.make_array_from_callback(tuple(x.shape), sharding, shard)
+
+
+def placer(abstract_state: Any, mesh: Mesh, rules=DEFAULT_RULES, dtype=None):
+  """`place(path, array)` for the weight loaders: puts each parameter of an abstract
+  nnx State straight into the sharding its logical axes give on `mesh` (see `put`)."""
+  specs = param_shardings(abstract_state, mesh, rules)
+  table = {tuple(path): var.get_value() for path, var in nnx.to_flat_state(specs)}
+
+  def place(path, array):
+    return put(array, table[tuple(path)], dtype)
+  return place
+
+
+def place_state(state: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
+  """An nnx State (host or device arrays) moved into the shardings the rules give it."""
+  return jax.device_put(state, param_shardings(state, mesh, rules))
+
+
+# -- the one rule for batches -------------------------------------------------------------------
+# A batch axis is split over every data-parallel mesh axis (data, fsdp) when their
+# product divides it, else replicated: a small batch (a 1-image sample grid, a
+# replicated 1+1 training batch) then runs everywhere instead of failing to split.
+
+
+def data_axes(mesh) -> tuple[str, ...]:
+  """The data-parallel axes of `mesh` (a Mesh or an abstract mesh) that have size > 1."""
+  return tuple(a for a in ("data", "fsdp") if dict(mesh.shape).get(a, 1) > 1)
+
+
+def data_parallelism(mesh) -> int:
+  """How many ways a batch splits on `mesh` (the product of its data axes)."""
+  return math.prod(dict(mesh.shape)[a] for a in data_axes(mesh))
+
+
+def batch_spec(mesh, shape: Sequence[int], axis: int = 0) -> P:
+  """PartitionSpec of an array whose `axis` is a batch: split over the data axes when they
+  divide it, else replicated; every other axis is replicated."""
+  axes = data_axes(mesh)
+  spec = [None] * len(shape)
+  if axes and shape[axis] % data_parallelism(mesh) == 0:
+    spec[axis] = axes
+  return P(*spec)
+
+
+def batch_sharding(mesh: Mesh, shape: Sequence[int], axis: int = 0) -> NamedSharding:
+  """`batch_spec` as a NamedSharding on `mesh`."""
+  return NamedSharding(mesh, batch_spec(mesh, shape, axis))
+
+
 def constrain_batch(x: jax.Array) -> jax.Array:
-  """Pins an activation's leading (batch) axis to the data-parallel axes of the mesh
-  set by `jax.set_mesh`; a no-op without one or when the batch does not divide.
+  """Pins an activation's leading (batch) axis by `batch_spec` on the mesh set by
+  `jax.set_mesh`; a no-op without one or when the batch does not divide.
 
   Fully sharded weights leave XLA's sharding propagation a choice: gather the weights,
   or follow their sharding into the activations. Left alone it took the second on
@@ -136,14 +200,7 @@ def constrain_batch(x: jax.Array) -> jax.Array:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return x
-  axes = tuple(a for a in ("data", "fsdp") if mesh.shape.get(a, 1) > 1)
-  n = math.prod(mesh.shape[a] for a in axes)
-  if not axes or x.shape[0] % n:
+  spec = batch_spec(mesh, x.shape)
+  if spec[0] is None:
     return x
-  return jax.lax.with_sharding_constraint(x, P(axes, *([None] * (x.ndim - 1))))
-
-
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-  """Leading dimension over the data-parallel axes, everything else replicated."""
-  data_axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1) or None
-  return NamedSharding(mesh, P(data_axes, *([None] * (ndim - 1))))
+  return jax.lax.with_sharding_constraint(x, spec)

@@ -31,7 +31,7 @@ from flax import nnx
 
 from dreambooth_jax import checkpoint as checkpoint_lib
 from dreambooth_jax import config_lib, data, embeddings, methods, metrics_writer, pipeline, priors
-from dreambooth_jax import sharding, text
+from dreambooth_jax import sharding, text, utils
 from dreambooth_jax.weights import WeightsError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/imagen_dog.py[:arg]).",
@@ -44,7 +44,7 @@ class TrainError(RuntimeError):
 
 
 # Errors a user fixes (not bugs): reported as one paragraph, exit code 2.
-USER_ERRORS = (data.DataError, WeightsError, config_lib.ConfigError, TrainError)
+USER_ERRORS = (data.DataError, WeightsError, config_lib.ConfigError, TrainError, utils.PathError)
 
 
 def _instance_and_class_prompts(config, identifier):
@@ -64,11 +64,10 @@ def sample_prompts(config, identifier) -> list[str]:
 def _resolve_identifier(config, tokenizer, workdir) -> text.Identifier:
   """The identifier of this workdir: reused on resume; else the learned token, a user-given
   word, or sampled rare tokens (seeded)."""
-  path = os.path.join(workdir, "identifier.json")
+  path = utils.as_path(workdir) / "identifier.json"
   s = config.subject
-  if os.path.isfile(path):
-    with open(path) as f:
-      ident = text.Identifier.from_json(f.read())
+  if path.exists():
+    ident = text.Identifier.from_json(path.read_text())
     ident.verify(tokenizer)
     if s.identifier and s.identifier != ident.text:
       raise TrainError(f"{workdir} was trained with identifier {ident.text!r}, but "
@@ -82,10 +81,7 @@ def _resolve_identifier(config, tokenizer, workdir) -> text.Identifier:
     ident = text.resolve_identifier(tokenizer, s.identifier or None, class_noun=s.class_noun,
                                     template=s.instance_template, num_tokens=s.identifier_tokens,
                                     seed=config.seed, id_range=tuple(s.identifier_id_range))
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(ident.to_json())
-  os.replace(tmp, path)
+  utils.write_text(path, ident.to_json())
   return ident
 
 
@@ -96,7 +92,7 @@ def has_learned(tokenizer, prompt: str) -> bool:
 def _encode_all(config, models, prompts, workdir, mesh, rows=None, t5=None):
   """{prompt: PromptEmbedding} through the workdir's cache; `rows` embed learned tokens
   (their digest is part of the cache key, so new rows never read stale entries)."""
-  cache = embeddings.PromptEmbeddingCache(os.path.join(workdir, "prompt_embeddings"))
+  cache = embeddings.PromptEmbeddingCache(utils.as_path(workdir) / "prompt_embeddings")
   load = (lambda: t5) if t5 is not None else models.load_t5
   encode = lambda ps: embeddings.encode_prompts(load(), models.tokenizer, ps, mesh=mesh,
                                                 learned_rows=rows)
@@ -104,14 +100,6 @@ def _encode_all(config, models, prompts, workdir, mesh, rows=None, t5=None):
   if rows is not None:
     fingerprint = checkpoint_lib.fingerprint([fingerprint, np.asarray(rows).tobytes().hex()])
   return cache.get_or_compute(prompts, encode, fingerprint)
-
-
-def _batch_spec(mesh, batch: int, ndim: int):
-  """Batch axis (axis 1, after the micro-batch axis) over the data axes when it divides."""
-  axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
-  n = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-  spec = [None, axes if axes and batch % n == 0 else None] + [None] * (ndim - 2)
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
 
 
 def _place_state(state, mesh, rules):
@@ -145,7 +133,7 @@ def _place_state(state, mesh, rules):
 
 
 def _rules(config):
-  return tuple(json.loads(config.sharding_rules)) if config.sharding_rules else sharding.DEFAULT_RULES
+  return pipeline.rules_of(config)
 
 
 def _mesh_and_rules(config):
@@ -160,8 +148,8 @@ def _abstract_state(config, models, mesh, rules, phase=None):
   stages = {name: models.cascade.by_name[name] for name in models.tuned}
   params = {}
   if phase.train_unets:
-    params.update(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                               methods.param_states(stages)))
+    params.update({n: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), s.abstract_params)
+                   for n, s in stages.items()})
   rows = jax.ShapeDtypeStruct((len(models.tokenizer.learned_tokens), models.t5_width), jnp.float32)
   if phase.train_tokens:
     params[methods.TOKENS] = rows
@@ -203,7 +191,7 @@ def restore_params(config, models, workdir: str, step: int | None = None):
   Restored onto this machine's devices (all on fsdp), whatever mesh trained them:
   orbax reshards, so a TPU-trained workdir samples on a laptop.
   """
-  mesh, rules = sharding.make_mesh(), _rules(config)
+  mesh, rules = models.mesh, models.rules
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=False)
   step = ckpt.latest_step() if step is None else step
   if step is None:
@@ -239,7 +227,7 @@ def run(config, workdir: str):
     raise config_lib.ConfigError(f"config.method={config.method!r} learns a token: set "
                                  "config.learned_token.text, e.g. '<rare>'")
   lead = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  workdir = utils.workdir(workdir)  # local or gs://...; a missing backend fails here
 
   # == Input checks before any expensive work =======================================
   pipeline.check_pretrained_folders(config)
@@ -249,10 +237,10 @@ def run(config, workdir: str):
                                          min_size=min(config.subject.min_size, max(resolutions.values())))
   logging.info("subject: %d images from %s", len(subject.paths), subject_dir)
   if lead:
-    config_lib.save(config, os.path.join(workdir, "config.json"))
+    config_lib.save(config, workdir / "config.json")
 
   # == Models, identifier, prompts ===============================================
-  models = pipeline.build(config)
+  models = pipeline.build(config, mesh)  # weights load later, when used, into their shardings
   tok = models.tokenizer
   identifier = _resolve_identifier(config, tok, workdir)
   instance_prompt, class_prompt = _instance_and_class_prompts(config, identifier)
@@ -275,10 +263,12 @@ def run(config, workdir: str):
                                          upto=upto, fingerprint=models.weights_fingerprint,
                                          seed=config.prior.seed, batch_size=config.prior.batch_size)
     prior_images = priors.ensure_priors(models.cascade, spec, emb([class_prompt]), uncond,
-                                        os.path.join(workdir, "class_priors"), mesh=mesh,
+                                        workdir / "class_priors", mesh=mesh,
                                         process_index=jax.process_index(),
                                         process_count=jax.process_count())
     prior_images = {s: data.to_model_range(prior_images[s]) for s in tuned}
+  # Frozen stages keep their weights (class priors, sample grids); a tuned stage's pretrained
+  # weights move into the train state below, or are not needed when it is restored.
 
   # == State: resume from the workdir, else the built (pretrained / random) params =====
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.checkpoint.keep,
@@ -290,6 +280,9 @@ def run(config, workdir: str):
   if start is not None:
     phase = _checkpoint_phase(config, ckpt, start)
     stages, tx, abstract, shardings = _abstract_state(config, models, mesh, rules, phase)
+    if phase.train_unets:
+      for stage in stages.values():
+        stage.release()  # the checkpoint holds them; no pretrained copy beside it
     state = ckpt.restore(start, _with_shardings(abstract, shardings))
     print(f"resumed from {workdir} at step {start} ({phase.name})", flush=True)
   else:
@@ -305,7 +298,9 @@ def run(config, workdir: str):
   writer = metrics_writer.MetricsWriter(workdir, tensorboard=config.log.tensorboard and lead)
   info = dict(identifier=identifier.text, class_noun=config.subject.class_noun,
               instance_prompt=instance_prompt, class_prompt=class_prompt, method=config.method,
-              stages=list(tuned), config=json.loads(config_lib.to_json(config)))
+              stages=list(tuned), prompt_preprocessing=tok.preprocess,
+              unet_text_mask=bool(config.model.unet_text_mask),
+              config=json.loads(config_lib.to_json(config)))
   progress = metrics_writer.progress(int(state["step"]), config.train.steps, disable=not lead)
   for phase in all_phases[all_phases.index(phase):]:
     if int(state["step"]) >= phase.end and phase is not all_phases[-1]:
@@ -325,8 +320,7 @@ def run(config, workdir: str):
   ckpt.wait()
 
   # == Export what was learned: tuned UNets in diffusers format, token rows ============
-  params = (multihost_utils.process_allgather(state["params"], tiled=True) if jax.process_count() > 1
-            else jax.device_get(state["params"]))  # every host takes part in the gather
+  params = _to_host(state["params"])
   rows = _learned_rows(state)
   if lead:
     unets = {n: (stages[n].graphdef, params[n]) for n in tuned if n in params}
@@ -338,6 +332,14 @@ def run(config, workdir: str):
   writer.close()
   print(f"done: {config.train.steps} steps; checkpoint, export/ and samples/ in {workdir}", flush=True)
   return state
+
+
+def _to_host(tree):
+  """Host numpy copies of a sharded pytree, one leaf at a time: a leaf is whole on a
+  device only while it is gathered (multi-host), never the whole tree."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)  # fetches each leaf's shards; nothing is gathered on device
+  return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
 
 
 def _learned_rows(state):
@@ -355,8 +357,11 @@ def _fresh_state(config, stages, tx, phase, shardings, *, rows, step: int, rng):
   """A phase's initial state: built UNet params, the token rows, a new optimiser state."""
   params = {}
   if phase.train_unets:
-    params.update(jax.tree.map(_put_global, methods.param_states(stages),
-                               {n: shardings["params"][n] for n in stages}))
+    # The loaded weights become the state (already in these shardings: no copy), and the
+    # stage lets go of them: the step donates the state, and one copy is all that fits.
+    for n, stage in stages.items():
+      params[n] = jax.device_put(stage.params, shardings["params"][n])
+      stage.release()
   if phase.train_tokens:
     params[methods.TOKENS] = _put_global(jax.device_get(rows), shardings["params"][methods.TOKENS])
   state = dict(params=params,
@@ -379,7 +384,7 @@ def _frozen_inputs(models, phase, stages, mesh, rules, t5):
   if phase.train_tokens:
     graphdef, frozen["t5"] = nnx.split(t5)
   shardings = {k: sharding.param_shardings(v, mesh, rules) for k, v in frozen.items()}
-  return jax.tree.map(_put_global, frozen, shardings), shardings, graphdef
+  return jax.device_put(frozen, shardings), shardings, graphdef
 
 
 def _train_phase(config, models, phase, state, stages, tx, shardings, mesh, rules, *, t5, subject,
@@ -409,7 +414,7 @@ def _train_phase(config, models, phase, state, stages, tx, shardings, mesh, rule
 
   # The batch axis is split over the data axes when it divides (each host then
   # loads only its slice); otherwise it is replicated and every host loads it all.
-  n_data = mesh.shape["data"] * mesh.shape["fsdp"]
+  n_data = sharding.data_parallelism(mesh)
 
   def make_batch(step):
     batch = {"text": text_batch}
@@ -431,7 +436,8 @@ def _train_phase(config, models, phase, state, stages, tx, shardings, mesh, rule
     for name in tuned:
       batch[name] = {k: np.stack(v) for k, v in batch[name].items() if v}
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    spec = lambda x: _batch_spec(mesh, x.shape[1] * jax.process_count(), x.ndim) if split else replicated
+    spec = lambda x: (sharding.batch_sharding(mesh, (x.shape[0], x.shape[1] * jax.process_count()),
+                                              axis=1) if split else replicated)
     put = lambda x: jax.make_array_from_process_local_data(spec(x), x)
     out = {name: jax.tree.map(put, batch[name]) for name in tuned}
     out["text"] = jax.tree.map(lambda x: jax.make_array_from_process_local_data(replicated, x),
@@ -477,7 +483,7 @@ def _write_samples(config, models, state, emb, uncond, prompts, workdir, step, m
                                    params=params, batch_size=n, mesh=None)
     out.append((prompt, images))
   if jax.process_index() == 0:
-    metrics_writer.save_grid(os.path.join(workdir, "samples", f"step_{step:06d}.png"), out)
+    metrics_writer.save_grid(utils.as_path(workdir) / "samples" / f"step_{step:06d}.png", out)
 
 
 def parse_flags(argv):
@@ -498,13 +504,7 @@ def parse_flags(argv):
 
 
 def cli(argv):
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO; -v 0 brings it back
-  try:
-    main(argv)
-  except USER_ERRORS as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
+  utils.run_cli(main, argv, USER_ERRORS)
 
 
 if __name__ == "__main__":

@@ -152,10 +152,10 @@ def build_ours(args, config, models, host):
 
   # The trainer's batch layout: a leading micro-batch axis (grad_accum = 1); the
   # batch axis split over the data axes when both halves divide, else replicated.
-  n_data = mesh.shape["data"] * mesh.shape["fsdp"]
+  n_data = sharding.data_parallelism(mesh)
   split = args.batch % n_data == 0 and args.prior_batch % n_data == 0
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  spec = lambda x: train_lib._batch_spec(mesh, x.shape[1], x.ndim) if split else replicated
+  spec = lambda x: sharding.batch_sharding(mesh, x.shape, axis=1) if split else replicated
   batch = {name: {"instance": host["instance"][None], "prior": host["prior"][None]},
            "text": jax.tree.map(lambda x: x[None], host["text"])}
   batch_sh = {name: jax.tree.map(spec, batch[name]),

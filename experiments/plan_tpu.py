@@ -92,6 +92,9 @@ def parse_args(argv=None):
                  help="reference_configs folder (default $DREAMBOOTH_REFERENCE_CONFIGS or "
                       "../shared/reference_configs)")
   p.add_argument("--json", default=None, help="also write the rows here")
+  p.add_argument("--phases", action=argparse.BooleanOptionalAction, default=True,
+                 help="also print every phase of a run (load, encode, sample, train, "
+                      "checkpoint, export); --what=train,encode,sample gives all of them")
   args = p.parse_args(argv)
   args.what = tuple(w.strip() for w in args.what.split(",") if w.strip())
   bad = set(args.what) - {"train", "encode", "sample"}
@@ -245,7 +248,7 @@ def lower_train(args, config, mesh, rules):
   _, tx, abstract, shardings = train_lib._abstract_state(config, models_stand_in(stages, width),
                                                          mesh, rules)
   t, accum = config.train, config.train.grad_accum
-  n_data = mesh.shape["data"] * mesh.shape["fsdp"]
+  n_data = sharding.data_parallelism(mesh)
   split = t.batch_size % n_data == 0 and t.prior_batch_size % n_data == 0
   replicated = NamedSharding(mesh, P())
   batch, batch_sh = {}, {}
@@ -254,7 +257,7 @@ def lower_train(args, config, mesh, rules):
     batch[name] = {"instance": jax.ShapeDtypeStruct((accum, t.batch_size, r, r, 3), jnp.float32),
                    "prior": jax.ShapeDtypeStruct((accum, t.prior_batch_size, r, r, 3), jnp.float32)}
     batch_sh[name] = jax.tree.map(
-        lambda x: train_lib._batch_spec(mesh, x.shape[1], x.ndim) if split else replicated,
+        lambda x: sharding.batch_sharding(mesh, x.shape, axis=1) if split else replicated,
         batch[name])
   prompt = lambda: {"text": jax.ShapeDtypeStruct((accum, 1, TEXT_LEN, width), jnp.float32),
                     "mask": jax.ShapeDtypeStruct((accum, 1, TEXT_LEN), jnp.int32)}
@@ -279,7 +282,7 @@ def lower_encode(args, config, mesh, rules):
   params = with_sharding(params, sharding.param_shardings(params, mesh, rules))
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   b = -(-args.encode_batch // shards) * shards
-  batch_sh = sharding.batch_sharding(mesh, 2)
+  batch_sh = sharding.batch_sharding(mesh, (b, TEXT_LEN))
   ids = jax.ShapeDtypeStruct((b, TEXT_LEN), jnp.int32, sharding=batch_sh)
   lowered = embeddings._encode.lower(params, None, ids, ids, graphdef=graphdef, mesh=mesh)
   return lowered, params, f"t5 encode {b}x{TEXT_LEN} ({config.model.t5_dtype})"
@@ -289,7 +292,7 @@ def lower_sample(args, config, mesh, rules):
   """One guided denoising call per stage, on the class-prior sampling batch."""
   width = text_width(args, config)
   b = args.sample_batch or config.prior.batch_size
-  batch_sh = lambda ndim: sharding.batch_sharding(mesh, ndim)
+  batch_sh = lambda ndim: sharding.batch_sharding(mesh, (b,) + (1,) * (ndim - 1))
   stages = {n: abstract_stage(args, config, n) for n in STAGE_OF[args.model]}
   params = {n: with_sharding(s.params, sharding.param_shardings(s.params, mesh, rules))
             for n, s in stages.items()}
@@ -330,6 +333,8 @@ def _cost(obj) -> dict:
 
 def shard_bytes(x, sh) -> int:
   """Bytes of one device's shard of `x` under sharding `sh`."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    return 8 * math.prod(x.shape)  # a threefry key is two uint32
   return math.prod(sh.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
 
 
@@ -365,6 +370,9 @@ def analyse(kind, lowered, params, desc, args, mesh, config) -> dict:
   flops_global = float(_cost(lowered).get("flops", 0.0))
   key = "params" if kind == "train" else None
   p_bytes = param_bytes_per_device(params, compiled, key=key)
+  # The whole first argument (train: the state; others: the params), from its shardings.
+  first = [a._aval for a in jax.tree.leaves(lowered.args_info[0][0])]
+  arg0_bytes = sum(shard_bytes(a, sh) for a, sh in zip(first, jax.tree.leaves(compiled.input_shardings[0][0])))
   peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
           + mem.temp_size_in_bytes)
   step_s = flops_dev / (args.mfu * PEAK_FLOPS)
@@ -375,7 +383,7 @@ def analyse(kind, lowered, params, desc, args, mesh, config) -> dict:
       param_dtype=m.param_dtype if kind != "encode" else m.t5_dtype,
       dtype=m.dtype if kind != "encode" else m.t5_dtype, remat=bool(m.remat) and kind == "train",
       params=int(sum(math.prod(x.shape) for x in jax.tree.leaves(params))),
-      param_bytes_per_device=int(p_bytes),
+      param_bytes_per_device=int(p_bytes), state_bytes_per_device=int(arg0_bytes),
       argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
       alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
       peak_bytes_per_device=int(peak), fits=bool(peak < HBM_GIB * GIB),
@@ -424,6 +432,59 @@ def lower(kind: str, args, config, mesh, rules):
     unet_lib.CHUNK_QUERIES = None
 
 
+def resident_bytes(state, mesh, rules) -> int:
+  """Per-device bytes of an (abstract) param tree placed as the loaders place it: each
+  tensor in the sharding its logical axes give (`sharding.placer`)."""
+  shardings = sharding.param_shardings(state, mesh, rules)
+  return sum(shard_bytes(x, s) for x, s in zip(jax.tree.leaves(state), jax.tree.leaves(shardings)))
+
+
+def run_phases(args, config, mesh, rules, compiled: dict) -> list[dict]:
+  """Per-device peak of every phase of `dreambooth_jax.train.run`, in its order.
+
+  load       the cascade's UNets, each tensor read straight into its sharding
+             (`pipeline.build` -> `Stage.params`); T5 is not loaded yet
+  encode     T5 on the mesh while the prompts are encoded (then released), no UNet yet
+  sample     class priors: every stage's weights + the guided sampling call
+  train      the step (state donated) + stages that stay frozen
+  checkpoint async orbax save: device arrays are copied to host, nothing new on device
+  export     tuned params fetched to the host leaf by leaf, written as diffusers folders
+  The compiled phases take their peak from `compiled` (this run's rows); load,
+  checkpoint and export are arithmetic over the same shardings.
+  """
+  stages = {n: abstract_stage(args, config, n) for n in STAGE_OF[args.model]}
+  unet_bytes = {n: resident_bytes(s.abstract_params, mesh, rules) for n, s in stages.items()}
+  total_unet = sum(unet_bytes.values())
+  tuned = set(STAGE_OF[args.model])
+  frozen = sum(b for n, b in unet_bytes.items() if n not in tuned)
+  state_bytes = compiled["train"]["state_bytes_per_device"] if "train" in compiled else None
+  params_host = sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+                    for n, s in stages.items() if n in tuned for x in jax.tree.leaves(s.abstract_params))
+  rows = [dict(phase="load", peak=total_unet, host=0,
+               note=f"UNets {', '.join(f'{n} {b / GIB:.2f}' for n, b in unet_bytes.items())} GiB/dev")]
+  if "encode" in compiled:
+    rows.append(dict(phase="encode", peak=compiled["encode"]["peak_bytes_per_device"], host=0,
+                     note="T5 only; released before the UNets load"))
+  if "sample" in compiled:
+    rows.append(dict(phase="sample", peak=compiled["sample"]["peak_bytes_per_device"], host=0,
+                     note="every stage's weights + one guided call"))
+  if "train" in compiled:
+    train_peak = compiled["train"]["peak_bytes_per_device"] + frozen
+    rows.append(dict(phase="train", peak=train_peak, host=0,
+                     note="step (state donated)" + (" + frozen stages" if frozen else "")))
+    rows.append(dict(phase="checkpoint", peak=state_bytes + frozen, host=state_bytes * mesh.devices.size,
+                     note="state copied to host by the async save"))
+    rows.append(dict(phase="export", peak=state_bytes + frozen, host=2 * params_host,
+                     note="tuned params on host + their diffusers tensors"))
+  return rows
+
+
+def format_phase(r: dict) -> str:
+  fits = "fits" if r["peak"] < HBM_GIB * GIB else "DOES NOT FIT"
+  return (f"  {r['phase']:<10} peak {r['peak'] / GIB:7.2f} GiB/dev ({fits} {HBM_GIB:.0f} GiB)"
+          f"  host {r['host'] / GIB:7.2f} GiB  {r['note']}")
+
+
 def plan(args) -> list[dict]:
   config = make_config(args)
   devices = jax.devices()[:args.devices]
@@ -438,6 +499,11 @@ def plan(args) -> list[dict]:
     row["lower_s"] = lower_s
     rows.append(row)
     print(format_row(row), flush=True)
+  if args.phases:
+    print("# the whole run, phase by phase (per device):", flush=True)
+    for r in run_phases(args, config, mesh, rules, {r["what"]: r for r in rows}):
+      print(format_phase(r), flush=True)
+      rows.append(dict(what="phase", **r))
   return rows
 
 

@@ -61,12 +61,12 @@ def _torch_if_loop(model, scheduler_cfg, x_T, noises, cond, uncond, scale, class
   monkeypatch.setattr(ddpm_module, "randn_tensor", lambda *a, **k: current["noise"])
   x = _nchw(x_T)
   text = torch.cat([torch.from_numpy(uncond["text"]), torch.from_numpy(cond["text"])])
-  mask = torch.cat([torch.from_numpy(uncond["mask"]), torch.from_numpy(cond["mask"])])
   c = x.shape[1]
   for i, t in enumerate(sched.timesteps):
     inp = torch.cat([x, _nchw(lowres)], dim=1) if lowres is not None else x
     with torch.no_grad():
-      out = model(torch.cat([inp] * 2), t, encoder_hidden_states=text, encoder_attention_mask=mask,
+      # No encoder_attention_mask, as IFPipeline: the stage ignores the (padded) text mask.
+      out = model(torch.cat([inp] * 2), t, encoder_hidden_states=text,
                   class_labels=None if class_labels is None else
                   torch.from_numpy(np.concatenate([class_labels] * 2))).sample
     out_u, out_c = out.chunk(2)

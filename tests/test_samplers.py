@@ -215,7 +215,7 @@ def test_sample_sharded_over_mesh_matches_single_device():
   single = samplers.sample(jax_model, schedule, SHAPE, jax.random.key(1), cond, uncond, **kw)
   sharded = samplers.sample(jax_model, schedule, SHAPE, jax.random.key(1), cond, uncond,
                             mesh=mesh, **kw)
-  assert sharded.sharding.is_equivalent_to(sharding.batch_sharding(mesh, 4), 4)
+  assert sharded.sharding.is_equivalent_to(sharding.batch_sharding(mesh, SHAPE), 4)
   err = float(jnp.abs(sharded - single).max())
   print(f"\nsharded (data=2, fsdp=4) vs single-device sample: max abs err {err:.2e}")
   assert err < 1e-5

@@ -42,3 +42,23 @@ def train_cli(workdir: str, method: str) -> None:
   r = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=900,
                      env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert r.returncode == 0, f"{args}:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+
+
+def if_config(if_repos: dict, arg: str = "if,runlocal", **overrides):
+  """The `if` variant on the tiny IF repositories (conftest's `if_repos`, the Hub layout):
+  float32 throughout, no remat, the tiny repos' sizes (16 px base, 32 px SR)."""
+  config = imagen_dog.get_config(arg)
+  p = config.pretrained
+  p.stage_1, p.stage_2 = if_repos["stage_1"], if_repos["stage_2"]
+  p.t5 = f"{if_repos['stage_1']}/text_encoder"
+  p.tokenizer = f"{if_repos['stage_1']}/tokenizer"
+  m = config.model
+  m.dtype = m.param_dtype = m.t5_dtype = "float32"
+  m.remat = False
+  config.cascade.base.resolution, config.cascade.sr256.resolution = 16, 32
+  config.subject.identifier_id_range = (100, 768)  # the tiny spiece.model has ~800 pieces
+  config.train.optimizer = "adamw"
+  config.log.tensorboard = False
+  for key, value in overrides.items():
+    set_path(config, key, value)
+  return config

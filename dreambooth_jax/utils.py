@@ -1,0 +1,131 @@
+"""Small helpers every part of the library shares, in the spirit of big_vision's utils.py.
+
+* Paths. A workdir may be local or remote (`gs://bucket/run` on a TPU VM, whose
+  own disk cannot hold 30 GB checkpoints). Every workdir path goes through
+  etils' `epath` (the path layer orbax uses too), never `os.path`: `abspath`
+  would turn `gs://bucket/run` into a local folder `gs:/bucket/run`.
+  `workdir()` checks at once that the scheme's filesystem backend is installed
+  (gcsfs, s3fs, or TensorFlow's gfile for gs://) and can list the path, so a
+  missing backend is a one-paragraph error before any expensive work.
+* Atomic writes. A reader (a resumed run, another host, a user) never sees half
+  a file: locally the bytes go to a unique temporary name that is then renamed
+  over the target; object stores commit an object only when its upload
+  completes, so there the target is written directly.
+* The CLI wrapper: user errors end as one paragraph on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+import uuid
+from typing import Any, Callable
+
+from etils import epath
+
+PathLike = str | os.PathLike
+
+
+class PathError(ValueError):
+  """A path that cannot be used as given; the message says why and how to fix it."""
+
+
+def is_remote(path: PathLike) -> bool:
+  """True for URIs such as gs://bucket/run or s3://bucket/run."""
+  return "://" in os.fspath(path)
+
+
+def as_path(path: PathLike) -> epath.Path:
+  """`path` as an epath.Path; an unknown URI scheme is a PathError, not a KeyError."""
+  if isinstance(path, epath.Path):
+    return path
+  try:
+    return epath.Path(path)
+  except KeyError:
+    scheme = os.fspath(path).split("://", 1)[0]
+    raise PathError(f"{os.fspath(path)!r}: the scheme {scheme}:// is not known to etils.epath "
+                    "(it knows gs://, s3://, az://, hf:// and local paths)") from None
+
+
+def absolute(path: PathLike) -> epath.Path:
+  """A local path made absolute; a remote URI as it is (`resolve` would make a local
+  path of it)."""
+  p = as_path(path)
+  return p if is_remote(p) else as_path(os.path.abspath(os.fspath(p)))
+
+
+def workdir(path: PathLike, *, create: bool = True) -> epath.Path:
+  """A run's workdir, checked (and created) before anything expensive.
+
+  Remote schemes need their filesystem backend installed; without it epath fails at
+  the first file operation, possibly after minutes of model loading. Checking here
+  turns that into an immediate, explained error.
+  """
+  p = as_path(path)
+  try:
+    exists = p.exists()
+    if create and not exists:
+      p.mkdir(parents=True, exist_ok=True)
+  except (ImportError, ModuleNotFoundError) as e:
+    scheme = os.fspath(path).split("://", 1)[0]
+    package = {"gs": "gcsfs", "s3": "s3fs", "az": "adlfs", "hf": "huggingface_hub"}.get(scheme, "fsspec")
+    raise PathError(
+        f"--workdir={os.fspath(path)}: writing to {scheme}:// needs its filesystem backend, which "
+        f"is not installed ({e}). Install it (`pip install {package}`; for gs:// TensorFlow's gfile "
+        "also works) or use a local --workdir.") from e
+  except OSError as e:
+    raise PathError(f"--workdir={os.fspath(path)}: cannot use it ({e}); check the path and its "
+                    "permissions or credentials.") from e
+  return absolute(p)
+
+
+def write_bytes(path: PathLike, data: bytes) -> None:
+  """Writes `data` to `path` atomically (see the module docstring)."""
+  p = as_path(path)
+  if is_remote(p):
+    p.write_bytes(data)
+    return
+  tmp = f"{os.fspath(p)}.{os.getpid()}.{uuid.uuid4().hex}.tmp"  # unique: hosts may race
+  with open(tmp, "wb") as f:
+    f.write(data)
+  os.replace(tmp, os.fspath(p))
+
+
+def write_text(path: PathLike, text: str) -> None:
+  write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: PathLike, obj: Any, **kw) -> None:
+  kw.setdefault("indent", 2)
+  write_text(path, json.dumps(obj, **kw))
+
+
+def read_json(path: PathLike) -> Any:
+  return json.loads(as_path(path).read_text())
+
+
+def write_png(path: PathLike, image) -> None:
+  """An HxWx3 uint8 array (or a PIL image) as a PNG, atomically."""
+  from PIL import Image  # deferred: only image writers need PIL
+  img = image if isinstance(image, Image.Image) else Image.fromarray(image)
+  buf = io.BytesIO()
+  img.save(buf, format="PNG")
+  write_bytes(path, buf.getvalue())
+
+
+def run_cli(main: Callable[[list[str]], Any], argv: list[str], user_errors: tuple) -> None:
+  """Runs a CLI's `main`; a user error is one paragraph on stderr and exit code 2.
+
+  Orbax logs every save and restore at INFO; unless -v/--verbosity is given, only
+  warnings reach the console.
+  """
+  from absl import flags, logging  # deferred: the library itself does not need absl
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  try:
+    main(argv)
+  except user_errors + (PathError,) as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
