@@ -234,7 +234,7 @@ def preprocess(prompt: str, mode: str = DEFAULT_MODE, protected: Sequence[str] =
   ("none" returns the prompt unchanged).
 
   `protected` strings (learned tokens such as "<rare>" or "<dog*>") are kept
-  verbatim wherever they occur, matched as `text.Tokenizer` matches them
+  verbatim wherever they occur, matched as `tokenizer.Tokenizer` matches them
   (anywhere, leftmost-longest). The prompt is split around them and only the
   text between them is preprocessed: in "lower" each piece is lowercased and
   the separators are kept, then the whole is stripped (identical to diffusers

@@ -39,7 +39,6 @@ orbax writes each shard from its owner and the JSON from the primary host.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 from typing import Any, Mapping
@@ -64,12 +63,6 @@ TOKENS_FILE = "learned_tokens.safetensors"  # textual inversion's rows, one per 
 
 class NonFiniteStateError(ValueError):
   """The state has NaN or inf values; it was not saved."""
-
-
-def fingerprint(obj: Any) -> str:
-  """Short stable hash of a JSON-able object (e.g. the config dict), for metadata."""
-  blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-  return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _is_key(x) -> bool:

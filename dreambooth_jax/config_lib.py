@@ -18,7 +18,7 @@ from dreambooth_jax import utils
 STAGES = ("base", "sr256", "sr1024")
 
 
-class ConfigError(ValueError):
+class ConfigError(utils.UserError):
   """A config value that cannot work; the message names the key and how to fix it."""
 
 

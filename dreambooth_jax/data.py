@@ -45,6 +45,8 @@ from typing import Iterator, Mapping, NamedTuple, Sequence
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from dreambooth_jax import utils
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 # Below 256 px on the shorter side the SR 64->256 stage (the one the paper calls
 # essential) would learn from upscaled, blurred photos.
@@ -59,7 +61,7 @@ _CONVERT_HINT_EXTS = frozenset(
 _RESERVED_KEYS = frozenset({"index", "flip"})
 
 
-class DataError(ValueError):
+class DataError(utils.UserError):
   """A problem with the user's data, with a message that names each file and the fix.
 
   `problems` holds (path or None, message) pairs, one per bad file.
@@ -137,8 +139,8 @@ def _decode(path: Path) -> Image.Image:
 def classify_file(path: Path, exts: Sequence[str] = IMAGE_EXTS) -> str:
   """'skip', 'image' or 'bad' for one folder entry, by the folder rules above.
 
-  `exts` are lower-case with the dot. Shared with `benchmark`, so a benchmark
-  subject folder follows the same rules as a training folder.
+  `exts` are lower-case with the dot. Shared with `evaluation.benchmark`, so a
+  benchmark subject folder follows the same rules as a training folder.
   """
   name = path.name
   if name.startswith(".") or name.lower() in _OS_CLUTTER:

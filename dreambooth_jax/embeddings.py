@@ -38,11 +38,11 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dreambooth_jax import sharding, utils
-from dreambooth_jax.text import Tokenizer
+from dreambooth_jax.tokenizer import Tokenizer
 from dreambooth_jax.weights.safetensors_io import SafetensorsFile, WeightsError, save_file
 
 __all__ = ["PromptEmbedding", "PromptEmbeddingCache", "encoder_fingerprint", "encode_prompts",
-           "stack_embeddings"]
+           "hash_weights_folder", "stack_embeddings"]
 
 # ---------------------------------------------------------------------------------------------
 # Fingerprint
@@ -50,10 +50,12 @@ __all__ = ["PromptEmbedding", "PromptEmbeddingCache", "encoder_fingerprint", "en
 
 _SAMPLE_BYTES = 1 << 16  # bytes hashed at each of a weights file's start, middle and end
 _SAMPLE_ELEMENTS = 4096  # elements hashed at each end of an in-memory parameter, plus a stride
+_HOST_SAMPLE_LIMIT = 1 << 22  # elements: below it a tensor is sampled on the host
 
 
-def _hash_weights_folder(h, folder: str):
-  """config.json, then per safetensors file: name, size, full header and three data samples.
+def hash_weights_folder(h, folder: str):
+  """Feed the hashlib object `h` a weights folder's identity: config.json, then per
+  safetensors file its name, size, full header and three data samples.
 
   The header names every tensor with dtype, shape and offsets, so a different
   model, revision, precision or variant changes it; the sampled bytes catch
@@ -93,11 +95,14 @@ def _hash_module(h, module: nnx.Module):
   for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param)):
     value = var.get_value()
     h.update(f"\0{'/'.join(map(str, path))}\0{tuple(value.shape)}\0{value.dtype}\0".encode())
-    flat = value.reshape(-1)
-    n = flat.shape[0]
+    n = int(np.prod(value.shape))
+    # Small tensors are fetched whole and sampled on the host: slicing on the device
+    # compiles a program per shape (dozens per tiny model, seconds of compile time).
+    flat = (np.asarray(jax.device_get(value)) if n <= _HOST_SAMPLE_LIMIT else value).reshape(-1)
     if n > 3 * _SAMPLE_ELEMENTS:
       stride = n // _SAMPLE_ELEMENTS
-      flat = jax.numpy.concatenate([flat[:_SAMPLE_ELEMENTS], flat[::stride], flat[-_SAMPLE_ELEMENTS:]])
+      cat = np.concatenate if isinstance(flat, np.ndarray) else jax.numpy.concatenate
+      flat = cat([flat[:_SAMPLE_ELEMENTS], flat[::stride], flat[-_SAMPLE_ELEMENTS:]])
     h.update(np.asarray(jax.device_get(flat)).tobytes())
 
 
@@ -106,7 +111,7 @@ def encoder_fingerprint(encoder: str | nnx.Module, tokenizer: Tokenizer | str, *
   """A stable hex string naming what determines a prompt's embedding.
 
   Covers: the encoder (a Hugging Face folder: config, safetensors headers and
-  sampled bytes, see `_hash_weights_folder`; or a model in memory: config,
+  sampled bytes, see `hash_weights_folder`; or a model in memory: config,
   parameter shapes, dtypes and sampled values), the tokenizer (all of
   spiece.model's bytes, max_length, sentinel count, prompt preprocessing
   mode), the compute `dtype` the encoder runs in, and anything in `extra`
@@ -116,7 +121,7 @@ def encoder_fingerprint(encoder: str | nnx.Module, tokenizer: Tokenizer | str, *
   """
   h = hashlib.sha256(b"dreambooth_jax.embeddings.v1")
   if isinstance(encoder, str):
-    _hash_weights_folder(h, encoder)
+    hash_weights_folder(h, encoder)
   elif isinstance(encoder, nnx.Module):
     _hash_module(h, encoder)
   else:
@@ -151,9 +156,12 @@ def encode_with_learned(t5: nnx.Module, learned_rows: jax.Array | None, input_id
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "mesh"))
-def _encode(params, learned_rows, input_ids, attention_mask, *, graphdef, mesh):
-  # Module-level and keyed on the (array-free) graphdef: one compilation per model
-  # structure, batch shape and sharding, and jit's cache never holds the parameters.
+def encode_batch(params, learned_rows, input_ids, attention_mask, *, graphdef, mesh):
+  """One padded batch through T5 (`graphdef` + `params`), outputs replicated on `mesh`.
+
+  Module-level and keyed on the (array-free) graphdef: one compilation per model
+  structure, batch shape and sharding, and jit's cache never holds the parameters.
+  """
   out = encode_with_learned(nnx.merge(graphdef, params), learned_rows, input_ids, attention_mask)
   if mesh is not None:
     out = jax.lax.with_sharding_constraint(out, NamedSharding(mesh, P()))
@@ -199,7 +207,7 @@ def encode_prompts(t5: nnx.Module, tokenizer: Tokenizer, prompts: Sequence[str],
     if learned_rows is None and (tokens["input_ids"] < 0).any():
       raise ValueError(f"prompts {chunk} hold learned tokens {tokenizer.learned_tokens}; pass "
                        "their embedding rows (learned_rows=)")
-    out = _encode(params, learned_rows, put(tokens["input_ids"]), put(tokens["attention_mask"]),
+    out = encode_batch(params, learned_rows, put(tokens["input_ids"]), put(tokens["attention_mask"]),
                   graphdef=graphdef, mesh=mesh)
     # addressable_data(0) is the whole array (replicated or single-device), also on multi-host.
     embeddings.append(np.array(out.addressable_data(0))[:len(chunk)])

@@ -218,7 +218,10 @@ def dreambooth_loss(stages: Mapping[str, cascade_lib.Stage], params: Mapping[str
   return total, metrics
 
 
-def _global_norm(tree) -> jax.Array:
+def global_norm(tree) -> jax.Array:
+  """The l2 norm of all leaves of `tree` together, summed in float32 whatever their dtype
+  (bf16 sums of squares lose precision); 0 for an empty tree. Logged for grads, params
+  and updates."""
   leaves = [jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)]
   return jnp.sqrt(sum(leaves)) if leaves else jnp.float32(0)
 
@@ -263,14 +266,14 @@ def make_train_step(stages: Mapping[str, cascade_lib.Stage], tx: optax.GradientT
       grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
       metrics.append(m)
     metrics = jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *metrics)
-    g_norm = _global_norm(grads)
+    g_norm = global_norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(g_norm)
-    l2_params = _global_norm(params)
+    l2_params = global_norm(params)
 
     def apply(operands):
       params, opt_state, grads = operands
       updates, new_opt = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), new_opt, _global_norm(updates)
+      return optax.apply_updates(params, updates), new_opt, global_norm(updates)
 
     # A cond, not a select between old and new: the update can then write params and
     # moments in place; a select keeps both copies alive (12 GiB/chip for IF-I-XL).

@@ -1,14 +1,17 @@
-"""What a run shows and leaves behind: a progress bar, metrics.jsonl, TensorBoard events, PNG grids."""
+"""A run's scalars: one JSON line per logged step in metrics.jsonl, and TensorBoard events.
+
+The progress bar lives in `utils` (`StepProgress`), the PNG sample grids in
+`grids`: this module only records numbers.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import time
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import numpy as np
-from PIL import Image, ImageDraw
 
 from dreambooth_jax import utils
 
@@ -48,43 +51,3 @@ class MetricsWriter:
   def close(self):
     if self._tb is not None:
       self._tb.close()
-
-
-class progress:  # noqa: N801 - used like a function, as tqdm is
-  """tqdm bar over optimiser steps showing loss, steps/s and ETA (tqdm computes both)."""
-
-  def __init__(self, start: int, total: int, *, disable: bool = False):
-    from tqdm import tqdm
-    self._bar = tqdm(total=total, initial=start, disable=disable, unit="step", dynamic_ncols=True,
-                     desc="train")
-
-  def update(self, metrics: Mapping[str, float]):
-    self._bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", refresh=False)
-    self._bar.update(1)
-
-  def close(self):
-    self._bar.close()
-
-
-def save_grid(path, rows: Sequence[tuple[str, Mapping[str, np.ndarray]]], *, cell: int = 128):
-  """One PNG: a row per prompt (caption on the left), every stage's images side by side.
-
-  rows: [(prompt, {stage: uint8 [N, H, W, 3]})]. Images are shown at `cell`
-  px (nearest) so stages of different resolutions line up.
-  """
-  utils.as_path(path).parent.mkdir(parents=True, exist_ok=True)
-  label_w = 220
-  ncols = max(sum(len(v) for v in imgs.values()) for _, imgs in rows)
-  grid = Image.new("RGB", (label_w + ncols * cell, len(rows) * (cell + 14)), "white")
-  draw = ImageDraw.Draw(grid)
-  for r, (prompt, imgs) in enumerate(rows):
-    y = r * (cell + 14)
-    draw.text((4, y + cell // 2), prompt[:34], fill="black")
-    c = 0
-    for stage, arr in imgs.items():
-      for img in np.asarray(arr):
-        tile = Image.fromarray(img).resize((cell, cell), Image.NEAREST)
-        grid.paste(tile, (label_w + c * cell, y))
-        draw.text((label_w + c * cell + 2, y + cell), f"{stage} {img.shape[0]}px", fill="gray")
-        c += 1
-  utils.write_png(path, grid)

@@ -24,14 +24,16 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import ml_collections
 from flax import nnx
 
 from dreambooth_jax import cascade as cascade_lib
-from dreambooth_jax import config_lib, embeddings, sharding, text
+from dreambooth_jax import config_lib, embeddings, sharding, utils
 from dreambooth_jax.models import t5 as t5_lib
 from dreambooth_jax.models.layers import KeyGen, random_init
-from dreambooth_jax.models.unet import UNetConfig, abstract_unet, init_unet
+from dreambooth_jax.models.unet import UNetConfig, abstract_unet
+from dreambooth_jax.tokenizer import Tokenizer
 from dreambooth_jax.weights import load_unet
 from dreambooth_jax.weights import preflight as weights_preflight
 from dreambooth_jax.weights.t5 import abstract_t5_encoder, load_t5_encoder
@@ -45,7 +47,7 @@ SCHEDULERS = {"base": cascade_lib.IF_STAGE_I_SCHEDULER, "sr256": cascade_lib.IF_
 @dataclasses.dataclass
 class Models:
   cascade: cascade_lib.Cascade        # stages load their UNets on first use, sharded
-  tokenizer: text.Tokenizer
+  tokenizer: Tokenizer
   load_t5: Callable[[], nnx.Module]   # loads (or builds) the encoder, sharded, when called
   text_fingerprint: str                # names what determines a prompt's embedding
   weights_fingerprint: str             # names the frozen cascade (for the class-prior cache)
@@ -53,6 +55,20 @@ class Models:
   t5_width: int                        # d_model: the width of a learned token row
   mesh: jax.sharding.Mesh | None = None  # where weights are placed when loaded
   rules: tuple = sharding.DEFAULT_RULES
+
+  def encode(self, prompts, cache_dir, *, rows=None, t5=None) -> dict:
+    """{prompt: PromptEmbedding} through the prompt cache at `cache_dir`: T5 is loaded
+    (onto the mesh) only when a prompt is missing, and released right after unless
+    the caller passes its own `t5`. `rows` [K, d] embed learned tokens; their digest
+    is part of the cache key, so new rows never read stale entries."""
+    cache = embeddings.PromptEmbeddingCache(cache_dir)
+    load = (lambda: t5) if t5 is not None else self.load_t5
+    encode = lambda ps: embeddings.encode_prompts(load(), self.tokenizer, ps, mesh=self.mesh,
+                                                  learned_rows=rows)
+    fingerprint = self.text_fingerprint
+    if rows is not None:
+      fingerprint = utils.fingerprint([fingerprint, np.asarray(rows).tobytes().hex()])
+    return cache.get_or_compute(prompts, encode, fingerprint)
 
 
 def _dtype(name: str):
@@ -172,18 +188,9 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = No
       sched = cascade_lib.scheduler_config_for(folder, SCHEDULERS[name])
       prints.append(_folder_fingerprint(folder))
     prints.append(f"text_mask={text_mask}")
-    abstract = abstract_unet(cfg, dtype=dtype, param_dtype=param_dtype, remat=config.model.remat)
-    settings = config.cascade[name]
-    stages.append(cascade_lib.Stage(
-        name, abstract,
-        cascade_lib.StageSettings(resolution=settings.resolution, guidance_scale=settings.guidance_scale,
-                                  num_steps=settings.num_steps, sampler=settings.sampler,
-                                  sample_aug_level=settings.sample_aug_level,
-                                  train_aug_level=settings.train_aug_level, text_mask=text_mask),
-        scheduler_config=sched,
-        lowres_resolution=None if i == 0 else config.cascade[names[i - 1]].resolution,
-        load_params=load))
-  tokenizer = _tokenizer(config)
+    stages.append(stage(config, name, cfg, scheduler=sched, lowres_from=names[i - 1] if i else None,
+                        load_params=load))
+  tokenizer = make_tokenizer(config)
   t5_dtype = _dtype(config.model.t5_dtype)
   if tiny:
     t5_config = tiny_t5_config(config, tokenizer)
@@ -206,8 +213,27 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = No
                 width, mesh, rules)
 
 
-def _tiny_unet_params(cfg, seed, mesh, rules, **kw):
-  return sharding.place_state(nnx.state(init_unet(cfg, seed=seed, **kw)), mesh, rules)
+def stage(config, name: str, unet_config: UNetConfig, *, scheduler, lowres_from: str | None = None,
+          load_params=None) -> cascade_lib.Stage:
+  """Stage `name` of a config on an abstract UNet (nothing allocated): its settings, its
+  scheduler, and `load_params` to load its weights on first use. `lowres_from` names
+  the stage an SR stage upsamples."""
+  m, s = config.model, config.cascade[name]
+  abstract = abstract_unet(unet_config, dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype),
+                           remat=m.remat)
+  settings = cascade_lib.StageSettings(
+      resolution=s.resolution, guidance_scale=s.guidance_scale, num_steps=s.num_steps,
+      sampler=s.sampler, sample_aug_level=s.sample_aug_level, train_aug_level=s.train_aug_level,
+      text_mask=bool(m.get("unet_text_mask", False)))
+  return cascade_lib.Stage(
+      name, abstract, settings, scheduler_config=scheduler, load_params=load_params,
+      lowres_resolution=None if lowres_from is None else config.cascade[lowres_from].resolution)
+
+
+def _tiny_unet_params(cfg, seed, mesh, rules, *, dtype, param_dtype, remat):
+  abstract = abstract_unet(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat)
+  place = sharding.placer(nnx.state(abstract), mesh, rules)  # host values straight to shards
+  return nnx.state(random_init(abstract, seed, place=place))
 
 
 def _pretrained_unet_params(folder, cfg, mesh, rules, *, dtype, param_dtype, remat):
@@ -218,32 +244,33 @@ def _pretrained_unet_params(folder, cfg, mesh, rules, *, dtype, param_dtype, rem
 
 
 def _tiny_t5(t5_config, seed, dtype, mesh, rules):
-  model = random_init(nnx.eval_shape(lambda: t5_lib.T5EncoderModel(
-      t5_config, dtype=dtype, param_dtype=dtype, rngs=KeyGen(0))), seed)
-  graphdef, state = nnx.split(model)
-  return nnx.merge(graphdef, sharding.place_state(state, mesh, rules))
+  abstract = nnx.eval_shape(lambda: t5_lib.T5EncoderModel(t5_config, dtype=dtype, param_dtype=dtype,
+                                                          rngs=KeyGen(0)))
+  return random_init(abstract, seed, place=sharding.placer(nnx.state(abstract), mesh, rules))
 
 
-def tiny_t5_config(config, tokenizer: text.Tokenizer) -> t5_lib.T5Config:
+def tiny_t5_config(config, tokenizer: Tokenizer) -> t5_lib.T5Config:
   t = config.tiny
   return t5_lib.T5Config(vocab_size=tokenizer.vocab_size, d_model=t.t5_d_model,
                          d_kv=t.t5_d_model // t.t5_heads, d_ff=t.t5_d_ff, num_layers=t.t5_layers,
                          num_heads=t.t5_heads, feed_forward_proj="gated-gelu")
 
 
-def _tokenizer(config) -> text.Tokenizer:
+def make_tokenizer(config) -> Tokenizer:
+  """The config's T5 tokenizer (the packaged tiny one, or the pretrained folder's), with
+  its prompt preprocessing."""
   # Configs saved before prompt preprocessing existed ran prompts as typed.
   mode = config.model.get("prompt_preprocessing", "none")
   if config.model.kind == "tiny":
     folder = config.tiny.tokenizer or os.path.join(ASSETS, "tiny_t5")
   else:  # a tokenizer/ folder, or the pipeline folder holding one (checked by the preflight)
     folder = weights_preflight.check_tokenizer_folder(config.pretrained.tokenizer).folder
-  return text.Tokenizer.from_pretrained(folder, preprocess=mode)
+  return Tokenizer.from_pretrained(folder, preprocess=mode)
 
 
 def _folder_fingerprint(folder: str) -> str:
   h = hashlib.sha256()
-  embeddings._hash_weights_folder(h, folder)  # config, headers and sampled bytes
+  embeddings.hash_weights_folder(h, folder)  # config, headers and sampled bytes
   return h.hexdigest()
 
 

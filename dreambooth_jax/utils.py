@@ -12,23 +12,30 @@
   over the target; object stores commit an object only when its upload
   completes, so there the target is written directly.
 * The CLI wrapper: user errors end as one paragraph on stderr and exit code 2.
+* The training progress bar (`StepProgress`), shared by every loop over steps.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import sys
 import uuid
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from etils import epath
 
 PathLike = str | os.PathLike
 
 
-class PathError(ValueError):
+class UserError(ValueError):
+  """Base of the errors a user fixes (bad images, config keys, weights folders, paths...):
+  the CLIs print their message as one paragraph and exit with code 2, no traceback."""
+
+
+class PathError(UserError):
   """A path that cannot be used as given; the message says why and how to fix it."""
 
 
@@ -81,6 +88,12 @@ def workdir(path: PathLike, *, create: bool = True) -> epath.Path:
   return absolute(p)
 
 
+def fingerprint(obj: Any) -> str:
+  """Short stable hash of a JSON-able object (a config dict, cache keys), for metadata."""
+  blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def write_bytes(path: PathLike, data: bytes) -> None:
   """Writes `data` to `path` atomically (see the module docstring)."""
   p = as_path(path)
@@ -115,7 +128,49 @@ def write_png(path: PathLike, image) -> None:
   write_bytes(path, buf.getvalue())
 
 
-def run_cli(main: Callable[[list[str]], Any], argv: list[str], user_errors: tuple) -> None:
+class StepProgress:
+  """tqdm bar over optimiser steps showing loss, steps/s and ETA (tqdm computes both)."""
+
+  def __init__(self, start: int, total: int, *, disable: bool = False):
+    from tqdm import tqdm  # deferred: only loops over steps need it
+    self._bar = tqdm(total=total, initial=start, disable=disable, unit="step", dynamic_ncols=True,
+                     desc="train")
+
+  def update(self, metrics: Mapping[str, float]):
+    self._bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", refresh=False)
+    self._bar.update(1)
+
+  def close(self):
+    self._bar.close()
+
+
+def default_cache_dir() -> str:
+  """Where compiled programs are kept between runs: $XDG_CACHE_HOME (or ~/.cache) /
+  dreambooth_jax/jax."""
+  root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(root, "dreambooth_jax", "jax")
+
+
+def compilation_cache(setting: str = "") -> str | None:
+  """Turns on JAX's persistent compilation cache; returns its folder (None when off).
+
+  A second run of the same job then loads its programs instead of compiling them
+  (XLA compilation dominates short runs). `setting`: "" keeps a folder already set
+  (JAX_COMPILATION_CACHE_DIR, or earlier in this process), else the user's cache
+  folder (`default_cache_dir`); "off" switches the cache off; anything else is the
+  folder (local or remote, e.g. gs://bucket/jax_cache shared by a pod's hosts).
+  """
+  import jax  # deferred: utils is imported by modules that need no jax
+  if setting == "off":
+    jax.config.update("jax_enable_compilation_cache", False)
+    return None
+  folder = setting or jax.config.jax_compilation_cache_dir or default_cache_dir()
+  jax.config.update("jax_enable_compilation_cache", True)
+  jax.config.update("jax_compilation_cache_dir", folder)
+  return folder
+
+
+def run_cli(main: Callable[[list[str]], Any], argv: list[str]) -> None:
   """Runs a CLI's `main`; a user error is one paragraph on stderr and exit code 2.
 
   Orbax logs every save and restore at INFO; unless -v/--verbosity is given, only
@@ -126,6 +181,6 @@ def run_cli(main: Callable[[list[str]], Any], argv: list[str], user_errors: tupl
     logging.set_verbosity(logging.WARNING)
   try:
     main(argv)
-  except user_errors + (PathError,) as e:
+  except UserError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)

@@ -65,11 +65,11 @@ sys.path.insert(0, str(ROOT))
 from configs import imagen_dog  # noqa: E402
 from dreambooth_jax import cascade as cascade_lib  # noqa: E402
 from dreambooth_jax import diffusion, methods, pipeline, sharding  # noqa: E402
-from dreambooth_jax import train as train_lib  # noqa: E402
+from dreambooth_jax import state as state_lib  # noqa: E402
 from dreambooth_jax.models import unet as unet_lib  # noqa: E402
 
 TEXT_LEN = 77      # IF's T5 max length
-PROMPT_TOKENS = 6  # "a sks dog" + </s>: the rest of the 77 is padding, masked
+PROMPT_TOKENS = 6  # "a sks dog" + </s>: the rest of the 77 is padding (T5's mask only)
 
 
 def reference_configs_dir() -> pathlib.Path:
@@ -111,23 +111,21 @@ def make_config(args):
   return config
 
 
-def build_models(args, config):
-  """(Models, the tuned stage's UNetConfig): `pipeline.build` for the tiny cascade, for
-  --unet=if-i-m a one-stage stand-in with the fields the trainer uses."""
+def build_stages(args, config):
+  """({stage name: Stage} tuned, text width, the tuned stage's UNetConfig): the trainer's
+  own stages (`pipeline.build`) for the tiny cascade; for --unet=if-i-m one IF-I-M-like
+  stage (`pipeline.stage`)."""
   if args.unet == "tiny":
-    return pipeline.build(config), pipeline.tiny_unet_config(args.stage, config)
+    models = pipeline.build(config)
+    return ({n: models.cascade.by_name[n] for n in models.tuned}, models.t5_width,
+            pipeline.tiny_unet_config(args.stage, config))
   cfg = unet_lib.UNetConfig.from_diffusers(if_i_m_like_config(args.channels, args.resolution),
                                            source="IF-I-M-like")
   kw = dict(dtype=jnp.dtype(args.dtype), param_dtype=jnp.float32, remat=args.remat)
-  unet = unet_lib.abstract_unet(cfg, **kw) if args.compile_only else unet_lib.init_unet(cfg, **kw)
-  stage = cascade_lib.Stage("base", unet, cascade_lib.StageSettings(resolution=args.resolution),
-                            scheduler_config=cascade_lib.IF_STAGE_I_SCHEDULER)
-  # No tokenizer or T5 here: DreamBooth learns no token rows, so the trainer only reads
-  # that there are none.
-  models = types.SimpleNamespace(cascade=cascade_lib.Cascade([stage]), tuned=("base",),
-                                 tokenizer=types.SimpleNamespace(learned_tokens=()),
-                                 t5_width=cfg.encoder_hid_dim)
-  return models, cfg
+  load = None if args.compile_only else (lambda: nnx.state(unet_lib.init_unet(cfg, **kw)))
+  stage = pipeline.stage(config, "base", cfg, scheduler=cascade_lib.IF_STAGE_I_SCHEDULER,
+                         load_params=load)
+  return {"base": stage}, cfg.encoder_hid_dim, cfg
 
 
 def make_host_batch(args, stage, text_dim: int, seed: int = 0) -> dict:
@@ -142,24 +140,22 @@ def make_host_batch(args, stage, text_dim: int, seed: int = 0) -> dict:
           "text": {"instance": text(), "class": text()}}
 
 
-def build_ours(args, config, models, host):
+def build_ours(args, config, stages, width, host):
   """(compiled step, state, device batch, compile seconds) as `train.run` sets them up."""
   devices = jax.devices()[:args.devices] if args.devices else jax.devices()
   mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, devices=devices)
-  rules = train_lib._rules(config)
-  stages, tx, abstract, shardings = train_lib._abstract_state(config, models, mesh, rules)
+  rules = pipeline.rules_of(config)
+  ps = state_lib.setup(config, stages, methods.phases(config)[0], mesh, rules, num_tokens=0,
+                       token_width=width)
+  tx, abstract, shardings = ps.tx, ps.abstract, ps.shardings
   name = args.stage
 
-  # The trainer's batch layout: a leading micro-batch axis (grad_accum = 1); the
-  # batch axis split over the data axes when both halves divide, else replicated.
-  n_data = sharding.data_parallelism(mesh)
-  split = args.batch % n_data == 0 and args.prior_batch % n_data == 0
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  spec = lambda x: sharding.batch_sharding(mesh, x.shape, axis=1) if split else replicated
+  # The trainer's batch layout (`state.batch_layout`): a leading micro-batch axis
+  # (grad_accum = 1); the batch axis split over the data axes when both halves divide.
+  _, batch_sh = state_lib.batch_layout(mesh, {name: args.resolution}, batch_size=args.batch,
+                                       prior_batch_size=args.prior_batch, text_width=width)
   batch = {name: {"instance": host["instance"][None], "prior": host["prior"][None]},
            "text": jax.tree.map(lambda x: x[None], host["text"])}
-  batch_sh = {name: jax.tree.map(spec, batch[name]),
-              "text": jax.tree.map(lambda _: replicated, batch["text"])}
   step_fn = jax.jit(methods.make_train_step(stages, tx, config.prior.weight),
                     in_shardings=(shardings, None), out_shardings=(shardings, None),
                     donate_argnums=(0,))
@@ -169,13 +165,13 @@ def build_ours(args, config, models, host):
     abstract_batch = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                   batch, batch_sh)
     with jax.set_mesh(mesh):  # as the trainer traces it
-      lowered = step_fn.lower(train_lib._with_shardings(abstract, shardings), abstract_batch)
+      lowered = step_fn.lower(state_lib.with_shardings(abstract, shardings), abstract_batch)
     t_lower = time.perf_counter() - t0
     compiled = lowered.compile()
     return dict(compiled=compiled, lower_s=t_lower, compile_s=time.perf_counter() - t0,
                 mesh=mesh, stages=stages)
 
-  params = jax.tree.map(train_lib._put_global, methods.param_states(stages), shardings["params"])
+  params = {n: jax.device_put(s.params, shardings["params"][n]) for n, s in stages.items()}
   state = dict(params=params,
                opt_state=jax.jit(tx.init, out_shardings=shardings["opt_state"])(params),
                step=jax.jit(lambda: jnp.int32(0), out_shardings=shardings["step"])(),
@@ -240,8 +236,8 @@ def torch_reference(args, config, stage, unet_cfg, params, host, device):
     if stage.is_sr:
       x_t = torch.cat([x_t, a_aug * lowres_up + s_aug * aug_noise], dim=1)
       kw["class_labels"] = class_labels
-    out = unet(x_t, t_idx, encoder_hidden_states=text, encoder_attention_mask=mask,
-               return_dict=False, **kw)[0]
+    # No encoder_attention_mask: IF's UNets attend to every text position (as IFPipeline).
+    out = unet(x_t, t_idx, encoder_hidden_states=text, return_dict=False, **kw)[0]
     per = torch.mean(torch.square(out[:, :c].float() - noise), dim=(1, 2, 3))
     return per[:n_inst].mean() + prior_weight * per[n_inst:].mean()
 
@@ -296,7 +292,7 @@ def our_loss_at(config, stage, params, host, t_idx, noise, aug_noise):
     return per[:n].mean() + config.prior.weight * per[n:].mean()
 
   value, grads = jax.jit(jax.value_and_grad(loss))(params)
-  return float(value), float(methods._global_norm(grads))
+  return float(value), float(methods.global_norm(grads))
 
 
 # ----------------------------------------------------------------------------
@@ -330,8 +326,7 @@ def profile_ours(args, config, stage, params, host, theirs, reps):
   xt = theirs.x0 if not stage.is_sr else torch.cat([theirs.x0, theirs.x0], dim=1)
   tt = torch.from_numpy(np.asarray(t_idx)).to(xt.device)
   kw = {"class_labels": torch.full((b,), 0.01, device=xt.device)} if stage.is_sr else {}
-  run = lambda: theirs.unet(xt, tt, encoder_hidden_states=theirs.text,
-                            encoder_attention_mask=theirs.mask, return_dict=False, **kw)[0]
+  run = lambda: theirs.unet(xt, tt, encoder_hidden_states=theirs.text, return_dict=False, **kw)[0]
 
   def t_fwd():
     with torch.no_grad():
@@ -525,12 +520,12 @@ def main(argv=None) -> dict:
   args = parse_args(argv)
   config = make_config(args)
   t0 = time.perf_counter()
-  models, unet_cfg = build_models(args, config)
-  stage = models.cascade.by_name[args.stage]
+  stages, width, unet_cfg = build_stages(args, config)
+  stage = stages[args.stage]
   build_s = time.perf_counter() - t0
   host = make_host_batch(args, stage, unet_cfg.encoder_hid_dim or unet_cfg.cross_attention_dim)
-  ours = build_ours(args, config, models, host)
-  n_params = unet_lib.param_count(stage.params)
+  ours = build_ours(args, config, stages, width, host)
+  n_params = unet_lib.param_count(stage.abstract_params)
   desc = (f"stage={args.stage} unet={args.unet} ({n_params / 1e6:.2f}M params, channels "
           f"{args.channels}) {args.resolution}px"
           + (f" from {args.lowres}px" if args.stage == "sr256" else "")

@@ -15,9 +15,9 @@ like a TPUv4 slice: v4-8 = 4 chips, v4-32 = 16 chips, 32 GiB HBM each.
 
 What is compiled (`--what`):
   train   the trainer's own step (`methods.make_train_step`), state and shardings from
-          `train._abstract_state`, batch laid out as `train._train_phase` builds it
-          (micro-batch axis, batch axis over the data axes when it divides), state donated;
-  encode  `embeddings._encode`, the T5 v1.1 XXL pass over a padded 77-token batch;
+          `state.setup`, batch laid out by `state.batch_layout` (micro-batch axis, batch
+          axis over the data axes when it divides), state donated, as `train.run` does;
+  encode  `embeddings.encode_batch`, the T5 v1.1 XXL pass over a padded 77-token batch;
   sample  one classifier-free-guided UNet call (`samplers.guided_output`, batch 2x) on the
           class-prior batch, as `priors` / `Cascade.sample` run it, frozen params.
 
@@ -120,19 +120,17 @@ if __name__ == "__main__":
 
 import math  # noqa: E402
 import pathlib  # noqa: E402
-import types  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from configs import imagen_dog  # noqa: E402
 from dreambooth_jax import cascade as cascade_lib  # noqa: E402
 from dreambooth_jax import embeddings, methods, pipeline, samplers, sharding  # noqa: E402
-from dreambooth_jax import train as train_lib  # noqa: E402
+from dreambooth_jax import state as state_lib  # noqa: E402
 from dreambooth_jax.models import t5 as t5_lib  # noqa: E402
 from dreambooth_jax.models import unet as unet_lib  # noqa: E402
 from dreambooth_jax.weights.t5 import abstract_t5_encoder  # noqa: E402
@@ -198,22 +196,14 @@ def unet_config(args, config, name: str) -> unet_lib.UNetConfig:
 
 
 def abstract_stage(args, config, name: str) -> cascade_lib.Stage:
-  """The stage `pipeline.build` makes, on a ShapeDtypeStruct UNet (nothing allocated)."""
-  m = config.model
-  unet = unet_lib.abstract_unet(unet_config(args, config, name), dtype=jnp.dtype(m.dtype),
-                                param_dtype=jnp.dtype(m.param_dtype), remat=m.remat)
-  s = config.cascade[name]
-  settings = cascade_lib.StageSettings(
-      resolution=s.resolution, guidance_scale=s.guidance_scale, num_steps=s.num_steps,
-      sampler=s.sampler, sample_aug_level=s.sample_aug_level, train_aug_level=s.train_aug_level)
-  low = None if name == "base" else config.cascade.base.resolution
-  return cascade_lib.Stage(name, unet, settings, scheduler_config=pipeline.SCHEDULERS[name],
-                           lowres_resolution=low)
+  """The stage `pipeline.build` makes (`pipeline.stage`), nothing allocated."""
+  return pipeline.stage(config, name, unet_config(args, config, name),
+                        scheduler=pipeline.SCHEDULERS[name], lowres_from=None if name == "base" else "base")
 
 
 def t5_config(args, config) -> t5_lib.T5Config:
   if args.tiny:
-    tok = pipeline._tokenizer(config)
+    tok = pipeline.make_tokenizer(config)
     return pipeline.tiny_t5_config(config, tok)
   return reference_configs_dir(args) / "t5_v1_1_xxl.json"
 
@@ -226,12 +216,6 @@ def text_width(args, config) -> int:
     return int(json.load(f)["d_model"])
 
 
-def models_stand_in(stages: dict, width: int):
-  """What `train._abstract_state` reads of `pipeline.Models`, without loading anything."""
-  return types.SimpleNamespace(cascade=types.SimpleNamespace(by_name=stages), tuned=tuple(stages),
-                               tokenizer=types.SimpleNamespace(learned_tokens=()), t5_width=width)
-
-
 def with_sharding(tree, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       tree, shardings)
@@ -242,38 +226,28 @@ def with_sharding(tree, shardings):
 # ----------------------------------------------------------------------------
 
 def lower_train(args, config, mesh, rules):
-  """The trainer's jitted step on the trainer's abstract state and batch layout."""
+  """The trainer's jitted step on the trainer's abstract state and batch layout
+  (`state.setup`, `state.batch_layout`: the functions `train.run` uses)."""
   width = text_width(args, config)
   stages = {n: abstract_stage(args, config, n) for n in STAGE_OF[args.model]}
-  _, tx, abstract, shardings = train_lib._abstract_state(config, models_stand_in(stages, width),
-                                                         mesh, rules)
-  t, accum = config.train, config.train.grad_accum
-  n_data = sharding.data_parallelism(mesh)
-  split = t.batch_size % n_data == 0 and t.prior_batch_size % n_data == 0
-  replicated = NamedSharding(mesh, P())
-  batch, batch_sh = {}, {}
-  for name, stage in stages.items():
-    r = stage.settings.resolution
-    batch[name] = {"instance": jax.ShapeDtypeStruct((accum, t.batch_size, r, r, 3), jnp.float32),
-                   "prior": jax.ShapeDtypeStruct((accum, t.prior_batch_size, r, r, 3), jnp.float32)}
-    batch_sh[name] = jax.tree.map(
-        lambda x: sharding.batch_sharding(mesh, x.shape, axis=1) if split else replicated,
-        batch[name])
-  prompt = lambda: {"text": jax.ShapeDtypeStruct((accum, 1, TEXT_LEN, width), jnp.float32),
-                    "mask": jax.ShapeDtypeStruct((accum, 1, TEXT_LEN), jnp.int32)}
-  batch["text"] = {"instance": prompt(), "class": prompt()}
-  batch_sh["text"] = jax.tree.map(lambda _: replicated, batch["text"])
-  step = jax.jit(methods.make_train_step(stages, tx, config.prior.weight),
-                 in_shardings=(shardings, batch_sh), out_shardings=(shardings, None),
+  ps = state_lib.setup(config, stages, methods.phases(config)[0], mesh, rules, num_tokens=0,
+                       token_width=width)
+  t = config.train
+  batch, batch_sh = state_lib.batch_layout(
+      mesh, {n: s.settings.resolution for n, s in stages.items()}, batch_size=t.batch_size,
+      prior_batch_size=t.prior_batch_size, grad_accum=t.grad_accum, text_width=width)
+  step = jax.jit(methods.make_train_step(stages, ps.tx, config.prior.weight),
+                 in_shardings=(ps.shardings, batch_sh), out_shardings=(ps.shardings, None),
                  donate_argnums=(0,))
-  state = train_lib._with_shardings(abstract, shardings)
+  state = state_lib.with_shardings(ps.abstract, ps.shardings)
+  split = state_lib.batch_split(mesh, t.batch_size, t.prior_batch_size)
   desc = (f"{'+'.join(stages)} train {t.batch_size}+{t.prior_batch_size} img "
           f"({'batch split' if split else 'batch replicated'})")
   return step.lower(state, with_sharding(batch, batch_sh)), state["params"], desc
 
 
 def lower_encode(args, config, mesh, rules):
-  """`embeddings._encode` on T5 with sharded params, as `encode_prompts` places them."""
+  """`embeddings.encode_batch` on T5 with sharded params, as `encode_prompts` places them."""
   dtype = jnp.dtype(config.model.t5_dtype)
   t5 = (nnx.eval_shape(lambda: t5_lib.T5EncoderModel(t5_config(args, config), dtype=dtype,
                                                      param_dtype=dtype, rngs=nnx.Rngs(0)))
@@ -284,7 +258,7 @@ def lower_encode(args, config, mesh, rules):
   b = -(-args.encode_batch // shards) * shards
   batch_sh = sharding.batch_sharding(mesh, (b, TEXT_LEN))
   ids = jax.ShapeDtypeStruct((b, TEXT_LEN), jnp.int32, sharding=batch_sh)
-  lowered = embeddings._encode.lower(params, None, ids, ids, graphdef=graphdef, mesh=mesh)
+  lowered = embeddings.encode_batch.lower(params, None, ids, ids, graphdef=graphdef, mesh=mesh)
   return lowered, params, f"t5 encode {b}x{TEXT_LEN} ({config.model.t5_dtype})"
 
 
@@ -489,7 +463,7 @@ def plan(args) -> list[dict]:
   config = make_config(args)
   devices = jax.devices()[:args.devices]
   mesh = sharding.make_mesh(mesh_shape(args.layout), devices=devices)
-  rules = train_lib._rules(config)
+  rules = pipeline.rules_of(config)
   rows = []
   for kind in args.what:
     t0 = time.perf_counter()

@@ -1,5 +1,7 @@
 """Shared test setup: 8 fake CPU devices, float32 matmuls, session-scoped fixtures."""
 
+import json
+import logging
 import os
 
 # Must be set before jax is imported anywhere: sharding tests use 8 fake devices.
@@ -24,10 +26,41 @@ jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 import pathlib  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
+# The repository root, for tests that name its files or run its CLIs (`from conftest import REPO`).
 REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def subprocess_env(*, drop=(), **extra) -> dict:
+  """os.environ for a child Python: on CPU, with the repo root on PYTHONPATH (so `configs`
+  imports, as pytest.ini's `pythonpath` makes it import here), minus the `drop` names,
+  plus `extra`. The XLA/JAX settings above are inherited, so the child compiles the same
+  programs and hits the same persistent cache."""
+  env = {k: v for k, v in os.environ.items() if k not in drop}
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+  env["JAX_PLATFORMS"] = "cpu"
+  env.update(extra)
+  return env
+
+
+def run_cli(module: str, *args: str, timeout: float = 600, ok: bool = False,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+  """`python -m module *args` from the repo root (the configs' relative paths resolve), its
+  output captured as text; `env` defaults to `subprocess_env()`.
+
+  `ok=True` asserts exit code 0 with the output tails in the message; error-path tests
+  leave it False and check the code and stderr themselves.
+  """
+  r = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True,
+                     text=True, timeout=timeout, env=subprocess_env() if env is None else env)
+  if ok:
+    assert r.returncode == 0, (f"{module} {list(args)} exited {r.returncode}:\n"
+                               f"{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
+  return r
 
 
 def _shared_dir(env_var: str, sibling: str, what: str) -> pathlib.Path:
@@ -64,14 +97,38 @@ def spiece_dir(tmp_path_factory) -> str:
   return train_spiece(tmp_path_factory.mktemp("spiece"))
 
 
+class CompileLog(logging.Handler):
+  """Collects the names of the programs JAX compiles while it is installed (with
+  `jax.log_compiles()`, JAX logs "Compiling <name> with global shapes ..." once per
+  lowering, persistent-cache hits included)."""
+
+  def __init__(self):
+    super().__init__(logging.WARNING)
+    self.names: list[str] = []
+
+  def emit(self, record):
+    message = record.getMessage()
+    if message.startswith("Compiling "):
+      self.names.append(message.split(" ", 2)[1])
+
+
 @pytest.fixture(scope="session")
 def full_run(tmp_path_factory):
-  """One tiny DreamBooth run (train_helpers.tiny_config, 4 steps, base+sr256 tuned), shared by
-  the train, sample and evaluate tests: (workdir, final state)."""
+  """One tiny DreamBooth run (train_helpers.tiny_config, 4 steps, base+sr256 tuned, sample grids
+  at steps 2 and 4), shared by the train, sample and evaluate tests: (workdir, final state).
+  The programs it compiled are listed in <workdir>/compiled.json."""
   from train_helpers import tiny_config
   from dreambooth_jax import train as train_lib
   workdir = str(tmp_path_factory.mktemp("full"))
-  return workdir, train_lib.run(tiny_config(), workdir)
+  log, logger = CompileLog(), logging.getLogger("jax._src.interpreters.pxla")
+  logger.addHandler(log)
+  try:
+    with jax.log_compiles():
+      state = train_lib.run(tiny_config(**{"log.sample_every": 2}), workdir)
+  finally:
+    logger.removeHandler(log)
+  (pathlib.Path(workdir) / "compiled.json").write_text(json.dumps(log.names))
+  return workdir, state
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,8 @@
 """One process of the two-process training test (see test_train.test_two_processes_agree).
 
-  python tests/multihost_worker.py PROCESS_ID PORT WORKDIR OUT_JSON
+  PYTHONPATH=. python tests/multihost_worker.py PROCESS_ID PORT WORKDIR OUT_JSON
+
+(the repo root on PYTHONPATH, for `configs`: conftest.subprocess_env gives it.)
 
 Each process has 4 fake CPU devices; together they form the 2 (data) x 4 (fsdp)
 mesh, talking over gloo on localhost like two hosts of a TPU pod slice.
@@ -9,7 +11,6 @@ mesh, talking over gloo on localhost like two hosts of a TPU pod slice.
 import hashlib
 import json
 import os
-import pathlib
 import sys
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
@@ -19,9 +20,6 @@ import jax  # noqa: E402
 
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.config.update("jax_default_matmul_precision", "highest")
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from configs import imagen_dog  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402

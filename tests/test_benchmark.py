@@ -5,8 +5,8 @@ import textwrap
 import pytest
 from PIL import Image
 
-from dreambooth_jax import benchmark
-from dreambooth_jax.benchmark import BenchmarkError
+from dreambooth_jax.evaluation import benchmark
+from dreambooth_jax.evaluation.benchmark import BenchmarkError
 
 LIVE = ["cat", "cat2", "dog", "dog2", "dog3", "dog5", "dog6", "dog7", "dog8"]
 

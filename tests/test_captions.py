@@ -22,8 +22,9 @@ import pytest
 from diffusers.pipelines.deepfloyd_if import pipeline_if, pipeline_if_superresolution
 
 from dreambooth_jax import captions
-from dreambooth_jax.text import (Identifier, Tokenizer, instance_prompt,
-                                 rare_token_identifier, resolve_identifier)
+from dreambooth_jax.identifiers import (Identifier, instance_prompt, rare_token_identifier,
+                                        resolve_identifier)
+from dreambooth_jax.tokenizer import Tokenizer
 
 RANGE = (100, 800)  # the test vocabulary has ~800 pieces (conftest.spiece_dir)
 MODE_TO_CLEAN_CAPTION = {"clean": True, "lower": False}
@@ -88,7 +89,7 @@ def _random_prompts(n: int, seed: int = 0) -> list[str]:
 
 def _benchmark_prompts() -> list[str]:
   if os.environ.get("DREAMBOOTH_DATASET"):
-    from dreambooth_jax import benchmark
+    from dreambooth_jax.evaluation import benchmark
     bench = benchmark.load_benchmark(os.environ["DREAMBOOTH_DATASET"])
     prompts = [p for s in bench.subjects for ident in ("sks", "SKS", "")
                for p in bench.prompts_for(s, ident)]
@@ -163,13 +164,16 @@ def test_preprocess_matches_diffusers(corpus, if_pipe):
   assert sum(lo != p for lo, p in zip(lowered, corpus)) > 300
 
 
-def test_modes_and_missing_packages(monkeypatch):
+def test_modes():
   assert captions.MODES == ("clean", "lower", "none") and captions.DEFAULT_MODE == "clean"
   assert captions.preprocess("A SKS Dog ") == "a sks dog"
   with pytest.raises(ValueError, match="'clean', 'lower', 'none'"):
     captions.preprocess("a dog", "strip")
   with pytest.raises(TypeError, match="str"):
     captions.preprocess(["a dog"])
+
+
+def test_missing_cleaner_packages_are_named(monkeypatch):
   monkeypatch.setitem(sys.modules, "bs4", None)  # import bs4 -> ImportError
   with pytest.raises(ImportError, match="pip install beautifulsoup4 ftfy"):
     captions.require_cleaner()

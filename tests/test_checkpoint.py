@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dreambooth_jax import checkpoint, sharding
+from dreambooth_jax import checkpoint, sharding, utils
 from dreambooth_jax.weights import torch_layout
 from dreambooth_jax.models.unet import UNetConfig, abstract_unet
 from unet_configs import TINY_IF_I
@@ -87,7 +87,7 @@ def test_round_trip_bitwise_with_metadata(tmp_path, built):
   state = _state(built)
   ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
   assert ckpt.latest_step() is None
-  meta = dict(identifier="sks", config_hash=checkpoint.fingerprint({"lr": 1e-5}))
+  meta = dict(identifier="sks", config_hash=utils.fingerprint({"lr": 1e-5}))
   assert ckpt.save(3, state, meta)
   ckpt.wait()
   assert ckpt.latest_step() == 3

@@ -20,7 +20,7 @@ from dreambooth_jax import sharding
 from dreambooth_jax.embeddings import (PromptEmbeddingCache, encode_prompts, encoder_fingerprint,
                                        stack_embeddings)
 from dreambooth_jax.models.t5 import T5Config, T5EncoderModel
-from dreambooth_jax.text import Tokenizer
+from dreambooth_jax.tokenizer import Tokenizer
 from dreambooth_jax.weights.safetensors_io import save_file
 from dreambooth_jax.weights.t5 import load_t5_encoder
 from dreambooth_jax.weights.torch_layout import export_params
@@ -210,7 +210,8 @@ def test_encoder_is_not_kept_alive(tok, tmp_path, use_mesh):
   ref = weakref.ref(param)
   del param
   mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1}) if use_mesh else None
-  encode = lambda ps: encode_prompts(model, tok, ps, batch_size=8, mesh=mesh)
+  # `model` bound as a default: a closure over it reads as undefined after the `del` below.
+  encode = lambda ps, m=model: encode_prompts(m, tok, ps, batch_size=8, mesh=mesh)
   cache = PromptEmbeddingCache(str(tmp_path))
   table = cache.get_or_compute(["a sks dog", ""], encode, encoder_fingerprint(model, tok))
   del model, encode

@@ -17,7 +17,7 @@ from flax import nnx
 from PIL import Image
 from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
 
-from dreambooth_jax import eval_preprocess as pre
+from dreambooth_jax.evaluation import preprocess as pre
 from dreambooth_jax import sharding
 from dreambooth_jax.weights import encoders
 from dreambooth_jax.weights import safetensors_io

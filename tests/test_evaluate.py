@@ -1,7 +1,7 @@
 """End-to-end evaluation: tiny fine-tuned workdirs of every method, tiny random encoders.
 
 The DINO, CLIP (+ BPE tokenizer) and LPIPS files are tiny random stand-ins in the
-real formats (`dreambooth_jax.tiny_encoders`; loader parity is tested in
+real formats (`dreambooth_jax.evaluation.tiny_encoders`; loader parity is tested in
 test_encoders.py and test_lpips.py). The numbers are meaningless; the report's
 shape, the resumability and the errors are what is checked.
 """
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.xdist_group("workdirs")
 @pytest.fixture(scope="module")
 def encoder_paths(tmp_path_factory):
   """{"dino", "clip", "lpips"}: tiny random encoders at the protocol's 224 px input."""
-  from dreambooth_jax.tiny_encoders import write_tiny_encoders
+  from dreambooth_jax.evaluation.tiny_encoders import write_tiny_encoders
   return write_tiny_encoders(str(tmp_path_factory.mktemp("encoders")))
 
 
@@ -100,8 +100,8 @@ def test_second_run_resumes_without_regenerating_or_torch(cli_report, full_run, 
   mtimes = [p.stat().st_mtime_ns for p in pngs]
   code = f"""
 import json, sys
-from dreambooth_jax import evaluate
-r = evaluate.run({_workdirs(full_run, method_runs)!r}, {str(dataset_dir)!r}, "dog",
+from dreambooth_jax.evaluation import protocol
+r = protocol.run({_workdirs(full_run, method_runs)!r}, {str(dataset_dir)!r}, "dog",
                  {encoder_paths['dino']!r}, {encoder_paths['clip']!r}, {encoder_paths['lpips']!r},
                  num_images=2, num_prompts=2, num_class_images=2, real=True, out={str(out)!r})
 print(json.dumps({{"generated": [row["generated"] for row in r["rows"]],
@@ -120,7 +120,7 @@ print(json.dumps({{"generated": [row["generated"] for row in r["rows"]],
 
 def test_manifest_regenerates_missing_and_stale_images(tmp_path):
   """The manifest logic without a cascade: a changed entry drops that prompt's PNGs."""
-  from dreambooth_jax import evaluate
+  from dreambooth_jax.evaluation import protocol
 
   class FakeStage:
     name = "base"
@@ -140,17 +140,17 @@ def test_manifest_regenerates_missing_and_stale_images(tmp_path):
       self.calls.append((prompt, n))
       return {"base": np.full((n, 4, 4, 3), len(self.calls), np.uint8)}
 
-  jobs = [evaluate.Job("000", "a [V] dog", "a dog", 3, 0),
-          evaluate.Job("class", "a dog", "a dog", 2, 1)]
+  jobs = [protocol.Job("000", "a [V] dog", "a dog", 3, 0),
+          protocol.Job("class", "a dog", "a dog", 2, 1)]
   tuned = FakeTuned()
-  images, n = evaluate.generate_jobs(tuned, str(tmp_path / "row"), jobs, seed=0, batch_size=2)
+  images, n = protocol.generate_jobs(tuned, str(tmp_path / "row"), jobs, seed=0, batch_size=2)
   assert n == 5 and tuned.calls == [("a [V] dog", 2), ("a [V] dog", 1), ("a dog", 2)]
   assert images["000"].shape == (3, 4, 4, 3)
   (tmp_path / "row" / "000_2.png").unlink()  # an interrupted run: only the missing chunk again
-  _, n = evaluate.generate_jobs(tuned, str(tmp_path / "row"), jobs, seed=0, batch_size=2)
+  _, n = protocol.generate_jobs(tuned, str(tmp_path / "row"), jobs, seed=0, batch_size=2)
   assert n == 1 and tuned.calls[-1] == ("a [V] dog", 1)
   tuned.step = 4  # a newer checkpoint: every prompt is stale
-  _, n = evaluate.generate_jobs(tuned, str(tmp_path / "row"), jobs, seed=0, batch_size=2)
+  _, n = protocol.generate_jobs(tuned, str(tmp_path / "row"), jobs, seed=0, batch_size=2)
   assert n == 5
 
 
@@ -168,13 +168,13 @@ def test_missing_encoder_folder_exits_2_before_generating(full_run, encoder_path
 
 
 def test_api_errors_name_the_flag(full_run, dataset_dir, encoder_paths, tmp_path):
-  from dreambooth_jax import evaluate
+  from dreambooth_jax.evaluation import protocol
   args = (dataset_dir, "dog", encoder_paths["dino"], encoder_paths["clip"], encoder_paths["lpips"])
-  with pytest.raises(evaluate.EvalError, match="--subject=unicorn .* choose one of: .*dog"):
-    evaluate.run([full_run[0]], dataset_dir, "unicorn", *args[2:], out=str(tmp_path))
-  with pytest.raises(evaluate.EvalError, match="--num_prompts=99"):
-    evaluate.run([full_run[0]], *args, num_prompts=99, out=str(tmp_path))
-  with pytest.raises(evaluate.EvalError, match="--workdir=.* has no config.json"):
-    evaluate.run([str(tmp_path)], *args)
-  with pytest.raises(evaluate.EvalError, match="at least 2"):
-    evaluate.run([full_run[0]], *args, num_images=1, out=str(tmp_path))
+  with pytest.raises(protocol.EvalError, match="--subject=unicorn .* choose one of: .*dog"):
+    protocol.run([full_run[0]], dataset_dir, "unicorn", *args[2:], out=str(tmp_path))
+  with pytest.raises(protocol.EvalError, match="--num_prompts=99"):
+    protocol.run([full_run[0]], *args, num_prompts=99, out=str(tmp_path))
+  with pytest.raises(protocol.EvalError, match="--workdir=.* has no config.json"):
+    protocol.run([str(tmp_path)], *args)
+  with pytest.raises(protocol.EvalError, match="at least 2"):
+    protocol.run([full_run[0]], *args, num_images=1, out=str(tmp_path))

@@ -1,14 +1,9 @@
 """The benchmark scripts run in their reduced modes, so they cannot rot (numbers are not checked)."""
 
 import math
-import pathlib
-import sys
 
 import numpy as np
 import pytest
-
-EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
-sys.path.insert(0, str(EXPERIMENTS))
 
 
 @pytest.mark.parametrize("stage,devices", [("base", 0), ("sr256", 1)])  # 0 = all 8 (sharded)

@@ -11,9 +11,11 @@ import json
 import pytest
 
 from dreambooth_jax import captions
-from dreambooth_jax.text import (CLASS_TEMPLATE, INSTANCE_TEMPLATE, T5_RARE_ID_RANGE, Identifier,
-                                 Tokenizer, class_prompt, instance_prompt, rare_token_candidates,
-                                 rare_token_identifier, resolve_identifier)
+from dreambooth_jax.identifiers import (CLASS_TEMPLATE, INSTANCE_TEMPLATE, T5_RARE_ID_RANGE,
+                                        Identifier, class_prompt, instance_prompt,
+                                        rare_token_candidates, rare_token_identifier,
+                                        resolve_identifier)
+from dreambooth_jax.tokenizer import Tokenizer
 
 RANGE = (100, 800)
 SEEDS = range(12)
@@ -175,13 +177,18 @@ def test_templates():
       "a photo of <rare> backpack"
 
 
-def test_json_roundtrip_and_verify(tok):
+def test_json_roundtrip(tok):
   for ident in (rare_token_identifier(tok, num_tokens=2, seed=3, id_range=RANGE),
                 resolve_identifier(tok, "sks")):
     s = ident.to_json()
     assert json.loads(s)["text"] == ident.text
     back = Identifier.from_json(s)
     assert back == ident and back.verify(tok) is back
+  # str() is the text, so an Identifier drops into format strings.
+  assert f"a {resolve_identifier(tok, 'sks')} dog" == "a sks dog"
+
+
+def test_verify_refuses_another_tokenizer_or_mode(tok):
   bad = Identifier(text="sks", token_ids=(5, 6), source="user")
   with pytest.raises(ValueError, match="not the one the identifier was made with"):
     bad.verify(tok)
@@ -192,5 +199,3 @@ def test_json_roundtrip_and_verify(tok):
     upper.verify(tok)
   with pytest.raises(ValueError, match="not the one"):
     resolve_identifier(tok, bad)
-  # str() is the text, so an Identifier drops into format strings.
-  assert f"a {resolve_identifier(tok, 'sks')} dog" == "a sks dog"

@@ -119,14 +119,14 @@ def test_exported_stage_runs_the_same_in_ifpipeline(if_repos, tmp_path, monkeypa
   """Fine-tune the base stage on the IF repositories (the real `if` path: preflight,
   loading, caption cleaning, priors, the sharded step, export), load export/base into
   IFPipeline and sample both with the same noise."""
-  from dreambooth_jax import sample as sample_lib
+  from dreambooth_jax import finetuned
   from dreambooth_jax import train as train_lib
   workdir = str(tmp_path / "run")
   config = if_config(if_repos, stages="base", **{"cascade.base.num_steps": STEPS["base"],
                                                  "cascade.sr256.num_steps": STEPS["sr256"],
                                                  "train.lr": 1e-3, "subject.min_size": 64})
   train_lib.run(config, workdir)
-  tuned = sample_lib.FineTuned.load(workdir)
+  tuned = finetuned.FineTuned.load(workdir)
   prompt = tuned.fill("A [V] DOG on the beach!")
   rng = jax.random.key(5)
   ours = _ours(tuned.models, prompt, rng, params=tuned.params)
@@ -140,11 +140,9 @@ def test_exported_stage_runs_the_same_in_ifpipeline(if_repos, tmp_path, monkeypa
   _compare(ours, theirs, "fine-tuned, exported")
 
 
-def _live_bytes_per_device() -> dict:
-  import gc
-  gc.collect()
+def _bytes_per_device(arrays) -> dict:
   out = {d: 0 for d in jax.devices()}
-  for a in jax.live_arrays():
+  for a in arrays:
     for shard in a.addressable_shards:
       out[shard.device] += shard.data.nbytes
   return out
@@ -158,10 +156,15 @@ def test_loading_puts_every_tensor_into_its_sharding(if_repos):
   from dreambooth_jax import sharding
   mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
   models = pipeline.build(if_config(if_repos), mesh)
-  before = _live_bytes_per_device()
+  import gc
+  gc.collect()
+  before = jax.live_arrays()  # held, so no new array can reuse one's id
+  known = {id(a) for a in before}
   loaded = {s.name: s.params for s in models.cascade.stages}
   loaded["t5"] = nnx.state(models.load_t5(), nnx.Param)
-  grown = {d: b - before[d] for d, b in _live_bytes_per_device().items()}
+  gc.collect()
+  # Every array the load left alive (not only the params: a stray whole copy would show).
+  grown = _bytes_per_device(a for a in jax.live_arrays() if id(a) not in known)
   expected, split = 0, 0
   for name, state in loaded.items():
     for path, var in nnx.to_flat_state(state):

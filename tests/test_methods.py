@@ -9,30 +9,20 @@ two-stage method ends bitwise where the uninterrupted run ended.
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-from dreambooth_jax import checkpoint, config_lib, methods, pipeline
-from dreambooth_jax import sample as sample_lib
+from dreambooth_jax import checkpoint, config_lib, finetuned, methods, pipeline
 from dreambooth_jax import train as train_lib
 
+from conftest import run_cli
 from train_helpers import LEARNED_METHODS as LEARNED
-from train_helpers import REPO
 
 
 # Shares the tiny trained workdirs (conftest session fixtures): one xdist worker.
 pytestmark = pytest.mark.xdist_group("workdirs")
-
-
-def _cli(module, *args):
-  r = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
-                     timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
-  assert r.returncode == 0, f"{module} {args}:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
-  return r
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +33,7 @@ def runs(method_runs):
 def _restore(workdir, step=None):
   config = config_lib.load(os.path.join(workdir, "config.json"))
   models = pipeline.build(config)
-  params, _ = train_lib.restore_params(config, models, workdir, step)
+  params, _ = finetuned.restore_params(config, models, workdir, step)
   return config, models, params
 
 
@@ -58,7 +48,7 @@ def _metrics(workdir):
 
 def test_textual_inversion_learns_only_the_token_rows(runs):
   workdir = runs["textual_inversion"]
-  tuned = sample_lib.FineTuned.load(workdir)
+  tuned = finetuned.FineTuned.load(workdir)
   assert tuned.identifier.text == "<dog*>" and tuned.identifier.token_ids == (-1,)
   assert tuned.params == {}, "textual inversion checkpointed UNet params"
   init = _initial_rows(tuned.config, tuned.models)
@@ -129,6 +119,6 @@ def test_two_stage_resumes_across_the_stage_boundary(runs, tmp_path):
 @pytest.mark.parametrize("method", LEARNED)
 def test_sample_cli_uses_the_learned_token(runs, method, tmp_path):
   out = tmp_path / "grid.png"
-  r = _cli("dreambooth_jax.sample", f"--workdir={runs[method]}", "--prompt=a [V] dog on the beach",
-           "--num=1", f"--out={out}")
+  r = run_cli("dreambooth_jax.sample", f"--workdir={runs[method]}",
+              "--prompt=a [V] dog on the beach", "--num=1", f"--out={out}", ok=True)
   assert "<" in r.stdout and out.stat().st_size > 0

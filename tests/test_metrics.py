@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from dreambooth_jax import metrics
+from dreambooth_jax.evaluation import metrics
 from dreambooth_jax.weights import WeightsError
 
 

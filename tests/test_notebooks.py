@@ -76,7 +76,7 @@ def test_notebook_is_committed_clean(name):
 
 
 def test_tiny_encoders_load_with_our_loaders_and_transformers(tmp_path):
-  from dreambooth_jax import metrics, tiny_encoders
+  from dreambooth_jax.evaluation import metrics, tiny_encoders
   from dreambooth_jax.weights.encoders import load_clip, load_dino
   from dreambooth_jax.weights.lpips import load_lpips
   paths = tiny_encoders.write_tiny_encoders(str(tmp_path / "enc"))

@@ -7,17 +7,13 @@ the mesh axes it is split over, replicated tensors counted whole.
 """
 
 import math
-import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import plan_tpu  # experiments/, on the path through pytest.ini
 
 from dreambooth_jax import sharding
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments"))
-import plan_tpu  # noqa: E402
 
 
 def _expected_bytes(params, mesh, rules) -> tuple[int, int]:
@@ -42,7 +38,7 @@ def test_train_plan_param_bytes_match_the_arithmetic(capsys):
                               "--prior_batch=4"])
   config = plan_tpu.make_config(args)
   mesh = sharding.make_mesh(plan_tpu.mesh_shape("fsdp"), devices=jax.devices()[:args.devices])
-  rules = plan_tpu.train_lib._rules(config)
+  rules = plan_tpu.pipeline.rules_of(config)
   lowered, params, desc = plan_tpu.lower("train", args, config, mesh, rules)
   row = plan_tpu.analyse("train", lowered, params, desc, args, mesh, config)
   print(plan_tpu.format_row(row))

@@ -10,15 +10,13 @@ The orbax checkpoints themselves go through orbax's own gs:// / s3:// handling
 """
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 
 from dreambooth_jax import checkpoint, embeddings, metrics_writer, priors, utils
-from train_helpers import REPO
+from conftest import REPO, run_cli
 
 
 class _BucketFS(LocalFileSystem):
@@ -96,10 +94,8 @@ def test_caches_logs_and_exports_go_through_epath(bucket):
 def test_missing_backend_fails_before_any_work(tmp_path):
   """gs:// without gcsfs (not installed here): one paragraph, exit code 2, in seconds, and no
   local `gs:` folder (the old os.path.abspath bug)."""
-  r = subprocess.run([sys.executable, "-m", "dreambooth_jax.train",
-                      "--config=configs/imagen_dog.py:runlocal", "--workdir=gs://no-bucket/dog"],
-                     cwd=REPO, capture_output=True, text=True, timeout=300,
-                     env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  r = run_cli("dreambooth_jax.train", "--config=configs/imagen_dog.py:runlocal",
+              "--workdir=gs://no-bucket/dog", timeout=300)
   assert r.returncode == 2, r.stderr[-2000:]
   assert "gcsfs" in r.stderr and "Traceback" not in r.stderr
   assert not os.path.exists(os.path.join(REPO, "gs:"))

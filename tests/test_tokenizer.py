@@ -11,7 +11,7 @@ import random
 import numpy as np
 import pytest
 
-from dreambooth_jax.text import IF_MAX_LENGTH, Tokenizer
+from dreambooth_jax.tokenizer import IF_MAX_LENGTH, Tokenizer
 from text_helpers import WORDS
 
 PROMPTS = [
@@ -88,11 +88,15 @@ def test_decode_parity(tokenizers):
           list(map(int, ids)), skip_special_tokens=skip), (ids, skip)
 
 
-def test_decode_roundtrip_and_max_length(spiece_dir):
+def test_max_length_truncates_keeping_eos(spiece_dir):
   tok = Tokenizer.from_pretrained(spiece_dir, max_length=8)
   out = tok(["a sks dog on the beach at night with a red hat", "a dog"])
   assert out["input_ids"].shape == (2, 8)
   assert out["input_ids"][0, -1] == 1 and out["attention_mask"][0].sum() == 8
+
+
+def test_decode_roundtrip(spiece_dir):
+  tok = Tokenizer.from_pretrained(spiece_dir)
   assert tok.decode(tok.encode("a sks dog"), skip_special_tokens=True) == "a sks dog"
 
 

@@ -21,7 +21,8 @@ import torch
 from flax import nnx
 
 import if_repos as R
-from dreambooth_jax import text, weights
+from dreambooth_jax import weights
+from dreambooth_jax.tokenizer import Tokenizer
 from dreambooth_jax.weights import preflight, safetensors_io
 from dreambooth_jax.weights.safetensors_io import SafetensorsFile, WeightsError, open_folder
 from unet_configs import TEXT_DIM, TEXT_LEN, TINY_IF_I, TINY_IF_II
@@ -216,7 +217,7 @@ def test_if_repo_unet_matches_diffusers(if_repos, if_torch, stage):
 def test_if_repo_tokenizer_and_text_encoder(if_repos, if_torch):
   from transformers import T5Tokenizer
   folder = os.path.join(if_repos["stage_1"], "tokenizer")
-  ours, ref = text.Tokenizer.from_pretrained(folder), T5Tokenizer.from_pretrained(folder)
+  ours, ref = Tokenizer.from_pretrained(folder), T5Tokenizer.from_pretrained(folder)
   prompts = ["a photo of sks dog", "A red backpack on the beach at night!",
              "café naïve résumé 12345", "qu ka ri forest " * 30]  # the last one is truncated
   for prompt in prompts:  # the SentencePiece model read from the repo, capitals and all

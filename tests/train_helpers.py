@@ -1,12 +1,7 @@
 """Configs of the tiny training runs that several test files share."""
 
-import pathlib
-import sys
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-  sys.path.insert(0, str(REPO))
-from configs import imagen_dog  # noqa: E402
+from configs import imagen_dog
+from conftest import run_cli
 
 LEARNED_METHODS = ("textual_inversion", "ti_then_finetune")
 
@@ -33,15 +28,10 @@ def tiny_config(arg: str = "tiny,runlocal", **overrides):
 def train_cli(workdir: str, method: str) -> None:
   """A 4-step tiny run of `method` through the training CLI (two-stage: 2 + 2 steps),
   a checkpoint every step."""
-  import os
-  import subprocess
-  args = [sys.executable, "-m", "dreambooth_jax.train",
-          f"--config=configs/imagen_dog.py:method={method},runlocal", f"--workdir={workdir}",
-          "--config.checkpoint.every=1", "--config.checkpoint.keep=10",
-          "--config.checkpoint.async_save=False", "--config.log.tensorboard=False"]
-  r = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=900,
-                     env=dict(os.environ, JAX_PLATFORMS="cpu"))
-  assert r.returncode == 0, f"{args}:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+  run_cli("dreambooth_jax.train", f"--config=configs/imagen_dog.py:method={method},runlocal",
+          f"--workdir={workdir}", "--config.checkpoint.every=1", "--config.checkpoint.keep=10",
+          "--config.checkpoint.async_save=False", "--config.log.tensorboard=False",
+          timeout=900, ok=True)
 
 
 def if_config(if_repos: dict, arg: str = "if,runlocal", **overrides):

@@ -16,7 +16,7 @@ needs no renames:
 `encode_image` / `encode_text` return the projected, *unnormalised*
 embeddings, like `CLIPModel.get_image_features` / `get_text_features`; callers
 normalise before taking cosines. Images are NHWC floats already normalised with
-CLIP's mean/std (see `dreambooth_jax.eval_preprocess`).
+CLIP's mean/std (see `dreambooth_jax.evaluation.preprocess`).
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ class CLIPVisionEmbeddings(nnx.Module):
       # protocol always feeds the trained size, so refuse rather than approximate.
       raise ValueError(f"CLIP vision expects NHWC images of {s}x{s}x{self.cfg.num_channels}, got "
                        f"{hgt}x{wid}x{ch} (shape {pixels.shape}); resize and center-crop first "
-                       "(dreambooth_jax.eval_preprocess).")
+                       "(dreambooth_jax.evaluation.preprocess).")
     x = self.patch_embedding(pixels)
     x = x.reshape(b, -1, x.shape[-1])  # row-major grid, as torch's flatten(2).transpose(1, 2)
     cls = jnp.broadcast_to(self.class_embedding[...].astype(x.dtype), (b, 1, x.shape[-1]))

@@ -67,7 +67,7 @@ def param(rngs: Rngs, init, shape: Sequence[int], dtype, axes: Axes) -> nnx.Para
   return nnx.Param(init(key, tuple(shape), dtype), axes=tuple(axes))
 
 
-def random_init(abstract: nnx.Module, seed: int = 0) -> nnx.Module:
+def random_init(abstract: nnx.Module, seed: int = 0, place=None) -> nnx.Module:
   """Fills an abstract (`nnx.eval_shape`) model with random values drawn on the host.
 
   For tiny models and tests: kernels ~ N(0, 1/fan_in) (fan_in = product of all
@@ -76,6 +76,9 @@ def random_init(abstract: nnx.Module, seed: int = 0) -> nnx.Module:
   instead compiles one XLA program per parameter eagerly (~20 s for two tiny
   UNets on CPU) or a 10 s unrolled threefry program under jit; pretrained
   fine-tuning never uses either. Deterministic in `seed` and the param paths.
+  Values are cast on the host (a device-side cast compiles a program per shape);
+  `place(path, array)` may put each straight into its sharding, as the weight
+  loaders do (`sharding.placer`).
   """
   graphdef, state = nnx.split(abstract)
   rng = np.random.default_rng(seed)
@@ -91,7 +94,8 @@ def random_init(abstract: nnx.Module, seed: int = 0) -> nnx.Module:
     else:
       fan_in = int(np.prod(shape[:-1])) if leaf == "kernel" else shape[-1]
       value = rng.standard_normal(shape) / np.sqrt(max(fan_in, 1))
-    var.set_value(jnp.asarray(value, dtype))
+    value = np.asarray(value).astype(dtype)
+    var.set_value(place(path, value) if place is not None else jnp.asarray(value))
   return nnx.merge(graphdef, state)
 
 
@@ -147,7 +151,17 @@ class Conv(nnx.Module):
 
 
 class GroupNorm(nnx.Module):
-  """GroupNorm over the channel (last) axis; statistics in float32."""
+  """GroupNorm over the channel (last) axis, statistics in float32.
+
+  Normalisation, affine and an optional per-example modulation collapse into one
+  multiply-add, y = x * a + b with a, b per (example, channel) computed on tiny
+  tensors, so the output is one elementwise pass over x (fused with what follows).
+  `scale_shift=(s, t)` applies IF's ResNet time conditioning,
+  norm(x) * (1 + s) + t, inside it. The variance is the two-pass mean((x - mean)^2):
+  a one-pass E[x^2] - E[x]^2 (one read of x fewer) measured no faster on XLA:CPU
+  (4.51 vs 4.49 s for a 64-channel UNet's fwd+bwd, within noise) and loses
+  float32 precision to cancellation.
+  """
 
   def __init__(self, num_groups: int, num_channels: int, *, eps: float = 1e-5,
                affine: bool = True, dtype=None, param_dtype=jnp.float32,
@@ -158,16 +172,24 @@ class GroupNorm(nnx.Module):
     self.scale = param(rngs, nnx.initializers.ones, (num_channels,), param_dtype, ("norm",)) if affine else None
     self.bias = param(rngs, nnx.initializers.zeros, (num_channels,), param_dtype, ("norm",)) if affine else None
 
-  def __call__(self, x):
+  def __call__(self, x, scale_shift=None):
     dtype = self.dtype or x.dtype
-    shape = x.shape
-    xg = x.astype(jnp.float32).reshape(shape[0], -1, self.num_groups, shape[-1] // self.num_groups)
-    mean = xg.mean(axis=(1, 3), keepdims=True)
-    var = jnp.square(xg - mean).mean(axis=(1, 3), keepdims=True)
-    y = ((xg - mean) * jax.lax.rsqrt(var + self.eps)).reshape(shape)
+    b, c, g = x.shape[0], x.shape[-1], self.num_groups
+    xf = x.astype(jnp.float32)
+    xg = xf.reshape(b, -1, g, c // g)
+    mean = xg.mean(axis=(1, 3))                       # [B, G]
+    var = jnp.square(xg - mean[:, None, :, None]).mean(axis=(1, 3))
+    inv = jax.lax.rsqrt(var + self.eps)
+    per_channel = lambda v: jnp.repeat(v, c // g, axis=-1)  # [B, G] -> [B, C]
+    a, shift = per_channel(inv), -per_channel(mean * inv)
     if self.scale is not None:
-      y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-    return y.astype(dtype)
+      a, shift = a * self.scale[...].astype(jnp.float32), shift * self.scale[...].astype(jnp.float32)
+      shift = shift + self.bias[...].astype(jnp.float32)
+    if scale_shift is not None:
+      s, t = (v.astype(jnp.float32).reshape(b, c) for v in scale_shift)
+      a, shift = a * (1 + s), shift * (1 + s) + t
+    bshape = (b,) + (1,) * (x.ndim - 2) + (c,)
+    return (xf * a.reshape(bshape) + shift.reshape(bshape)).astype(dtype)
 
 
 class LayerNorm(nnx.Module):

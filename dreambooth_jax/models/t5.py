@@ -2,7 +2,7 @@
 
 DeepFloyd IF and Imagen condition every stage on the frozen encoder of T5 v1.1
 XXL. We only ever need the encoder: the text is embedded once per prompt and
-cached (see `dreambooth_jax.text`), or, for textual inversion, run with one
+cached (see `dreambooth_jax.embeddings`), or, for textual inversion, run with one
 learned row of the token embedding.
 
 The module tree and attribute names copy the PyTorch state-dict names

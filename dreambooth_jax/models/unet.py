@@ -245,9 +245,8 @@ class ResnetBlock(nnx.Module):
     x, h = self._resample(x), self._resample(h)
     h = self.conv1(h)
     t = self.time_emb_proj(temb if self.skip_time_act else self.act(temb))[:, None, None, :]
-    if self.scale_shift:
-      t_scale, t_shift = jnp.split(t, 2, axis=-1)
-      h = self.norm2(h) * (1 + t_scale) + t_shift
+    if self.scale_shift:  # fused into the norm's single multiply-add
+      h = self.norm2(h, scale_shift=jnp.split(t, 2, axis=-1))
     else:
       h = self.norm2(h + t)
     h = self.conv2(self.act(h))

@@ -9,7 +9,7 @@ still saves the legacy names `encoder.layer.N.attention.attention.query`, which
 are also the names on the hub), so the importer needs no renames.
 
 Layout is NHWC: inputs are float images [B, H, W, 3] already normalised (see
-`dreambooth_jax.eval_preprocess`). The multi-head attention helper here is
+`dreambooth_jax.evaluation.preprocess`). The multi-head attention helper here is
 shared with `models.clip`.
 """
 
@@ -187,7 +187,7 @@ class ViTEmbeddings(nnx.Module):
       raise ValueError(
           f"ViT expects NHWC images of {self.cfg.image_size[0]}x{self.cfg.image_size[1]}x"
           f"{self.cfg.num_channels}, got {hgt}x{wid}x{ch} (shape {pixels.shape}); resize and "
-          "center-crop first (dreambooth_jax.eval_preprocess). Position-embedding interpolation "
+          "center-crop first (dreambooth_jax.evaluation.preprocess). Position-embedding interpolation "
           "is not supported.")
     x = self.patch_embeddings(pixels)
     dtype = x.dtype

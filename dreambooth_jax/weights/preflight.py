@@ -130,9 +130,9 @@ def check_tokenizer_folder(folder: str) -> TokenizerFolder:
            "the original download (DeepFloyd IF's tokenizer/ or google/t5-v1_1-xxl) into it."
            if saved else " Point at DeepFloyd IF's tokenizer/ or the google/t5-v1_1-xxl folder.")
     raise WeightsError(f"{resolved!r} has no {SPIECE}, the T5 SentencePiece model.{why}")
-  from dreambooth_jax import text  # lazily: text imports sentencepiece and the embedding code
+  from dreambooth_jax.tokenizer import Tokenizer  # lazily: it needs sentencepiece
   try:
-    tok = text.Tokenizer(path)
+    tok = Tokenizer(path)
   except (OSError, RuntimeError, ValueError) as e:
     raise WeightsError(f"{path}: not a usable T5 SentencePiece model ({e}). Re-download it from "
                        "DeepFloyd IF's tokenizer/ or google/t5-v1_1-xxl.") from e

@@ -28,6 +28,8 @@ import ml_dtypes
 import numpy as np
 from etils import epath
 
+from dreambooth_jax import utils
+
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
@@ -36,7 +38,7 @@ _DTYPES = {
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 
 
-class WeightsError(ValueError):
+class WeightsError(utils.UserError):
   """A weights folder or file that cannot be used as it is; the message says how to fix it."""
 
 

@@ -38,7 +38,7 @@ import string
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from dreambooth_jax import data
+from dreambooth_jax import data, utils
 
 PROMPTS_FILE = "prompts_and_classes.txt"
 LIVE_CLASSES = frozenset({"dog", "cat"})
@@ -50,7 +50,7 @@ _OBJECT_HEADING = re.compile(r"^\s*object(\s+subject)?\s+prompts\s*:?\s*$", re.I
 _LIVE_HEADING = re.compile(r"^\s*live(\s+subject)?\s+prompts\s*:?\s*$", re.IGNORECASE)
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(utils.UserError):
   """A malformed benchmark folder or prompts file; the message names the file and line."""
 
 

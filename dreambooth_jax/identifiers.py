@@ -1,230 +1,29 @@
-"""Text side of the cascade: the T5 tokenizer, DreamBooth identifiers and prompts.
+"""DreamBooth identifiers: the "[V]" of "a [V] dog", and the prompts that hold it.
 
-Sections of this module, each self-contained:
+The paper's identifier is 1 to 3 rare tokens sampled from the T5 vocabulary
+ids 5000..10000 whose text is <= 3 characters without spaces
+(`rare_token_identifier`); a user may give one instead ("sks").
+`resolve_identifier` returns either as an `Identifier`, stored with the run so
+a resumed run or a sampling script uses the same string and can `verify` it.
+`instance_prompt`/`class_prompt` write "a sks dog" / "a dog".
 
-1. Tokenizer: T5's SentencePiece tokenizer with DeepFloyd IF's conventions,
-   on the `sentencepiece` library alone, including IF's prompt preprocessing
-   (`dreambooth_jax.captions`).
-2. Rare-token identifiers: DreamBooth's "[V]" strings, tokens sampled from
-   the T5 vocabulary ids 5000..10000 whose text is <= 3 characters without
-   spaces (`rare_token_identifier`), or given by the user ("sks");
-   `resolve_identifier` returns either as an `Identifier` stored with the run,
-   and `instance_prompt`/`class_prompt` write "a sks dog" / "a dog". Only
-   identifiers that IF's prompt preprocessing leaves unchanged are chosen or
-   accepted.
-3. The prompt-embedding cache lives in `dreambooth_jax.embeddings`: T5 is run
-   once per distinct prompt and its [77, 4096] embeddings are stored, so T5
-   never sits on the accelerators during training.
-
-The tokenizer reproduces, id for id, what `transformers.T5Tokenizer.from_pretrained(dir)`
-(transformers 5) returns for a folder holding `spiece.model`:
-
-- ids 0/1/2 are <pad>/</s>/<unk> and every SentencePiece piece keeps its id;
-- 100 sentinels follow the pieces in reverse order: `<extra_id_N>` has id
-  `sp_size + 99 - N`, so `vocab_size` is `sp_size + 100` (32100 for T5; the
-  model's embedding has 32128 rows, the rest are padding);
-- the special strings (<pad>, </s>, <unk>, <extra_id_N>) typed inside a prompt
-  are matched as whole tokens before SentencePiece sees the text, as
-  transformers' added tokens are; everything between them is SentencePiece's;
-- `</s>` is appended, the result is truncated to `max_length` (77 for IF,
-  keeping the final `</s>`) and padded with <pad> to `max_length`.
-
-transformers 5 converts spiece.model to a `tokenizers` Unigram model; our
-parity tests pin the two to the same ids on punctuation, whitespace runs,
-unicode and sentinel strings.
-
-Prompt preprocessing: IFPipeline lowercases and strips every prompt and, by
-default (`clean_caption=True`), cleans it as IF's training captions were
-(bs4, ftfy, regexes; `captions.clean_caption`). `Tokenizer(preprocess=...)`
-does the same in `__call__`, the batch encoding every T5 path uses: "clean"
-(the default, as IFPipeline), "lower" (`clean_caption=False`) or "none" (for
-encoders trained on raw text). A model trained here on "a SKS dog" would
-otherwise be conditioned on ids that the exported model never gets in
-diffusers. Learned tokens are kept verbatim through it (`captions.preprocess`).
-`encode` stays raw: it gives the ids of exactly the text it is given.
+IFPipeline preprocesses every prompt (lowercase, strip and, by default, IF's
+caption cleaner; `dreambooth_jax.captions`), so only identifiers that this
+preprocessing leaves unchanged, alone and inside the instance prompt, are
+chosen or accepted: otherwise the model would be taught a token that the
+exported model never receives in diffusers.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import re
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from dreambooth_jax import captions
-
-# ---------------------------------------------------------------------------------------------
-# 1. Tokenizer
-# ---------------------------------------------------------------------------------------------
-
-PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
-IF_MAX_LENGTH = 77  # DeepFloyd IF's IFPipeline.encode_prompt
-_SPIECE = "spiece.model"
-_METASPACE = "\u2581"  # SentencePiece's visible word-boundary marker
-
-
-class Tokenizer:
-  """T5 SentencePiece tokenizer: `tok(prompts) -> {"input_ids", "attention_mask"}` [B, max_length].
-
-  Build it with `Tokenizer.from_pretrained(folder)` on a folder (or file path)
-  with `spiece.model`, e.g. DeepFloyd IF's `tokenizer/` or `google/t5-v1_1-xxl`.
-  `preprocess` ("clean", "lower" or "none"; see `captions.preprocess`) is
-  applied to every prompt `__call__` encodes; "clean" is IFPipeline's default.
-  """
-
-  def __init__(self, sp_model_file: str, *, max_length: int = IF_MAX_LENGTH, extra_ids: int = 100,
-               learned_tokens: Sequence[str] = (), preprocess: str = captions.DEFAULT_MODE):
-    import sentencepiece  # deferred: only the tokenizer needs it, not the models
-
-    self.preprocess = captions.check_mode(preprocess)
-    if self.preprocess == "clean":
-      captions.require_cleaner()  # fail at construction, not at the first prompt of a run
-    self.path = sp_model_file
-    self._sp = sentencepiece.SentencePieceProcessor(model_file=sp_model_file)
-    self.sp_size = self._sp.get_piece_size()
-    self.max_length = int(max_length)
-    self.extra_ids = int(extra_ids)
-    if self.max_length < 1:
-      raise ValueError(f"max_length must be >= 1, got {max_length}")
-    ids = (self._sp.pad_id(), self._sp.eos_id(), self._sp.unk_id())
-    if ids != (PAD_ID, EOS_ID, UNK_ID):
-      raise ValueError(f"{sp_model_file}: not a T5 SentencePiece model (pad/eos/unk ids must be "
-                       f"0/1/2, got {ids[0]}/{ids[1]}/{ids[2]})")
-    # The special strings transformers registers as added tokens, matched whole inside text.
-    self._special_ids = {"<pad>": PAD_ID, "</s>": EOS_ID, "<unk>": UNK_ID}
-    self._special_ids.update({f"<extra_id_{n}>": self.sp_size + self.extra_ids - 1 - n
-                              for n in range(self.extra_ids)})
-    # Learned tokens (textual inversion) get negative ids, -1 - k for the k-th: they index
-    # the learned embedding rows, never T5's table, and an encoder without the rows
-    # rejects them (embeddings.encode_prompts) instead of reading a wrong row.
-    self.learned_tokens = tuple(learned_tokens)
-    for k, token in enumerate(self.learned_tokens):
-      if not token or token.strip() != token or " " in token or token in self._special_ids:
-        raise ValueError(f"learned token {token!r}: use one word that is not a special token, "
-                         "e.g. '<rare>'")
-      self._special_ids[token] = -1 - k
-    alternatives = sorted(self._special_ids, key=len, reverse=True)  # leftmost-longest
-    self._special_re = re.compile("|".join(map(re.escape, alternatives)))
-
-  @classmethod
-  def from_pretrained(cls, path: str, **kwargs) -> "Tokenizer":
-    """From a folder holding `spiece.model` (or the path of the .model file itself).
-
-    `kwargs` go to the constructor: max_length, extra_ids, learned_tokens, preprocess.
-    """
-    file = os.path.join(path, _SPIECE) if os.path.isdir(path) else path
-    if not os.path.isfile(file):
-      raise FileNotFoundError(
-          f"no SentencePiece model at {file!r}. Point at the tokenizer folder of the model "
-          f"(the one with {_SPIECE}, e.g. DeepFloyd IF's tokenizer/ or google/t5-v1_1-xxl).")
-    return cls(file, **kwargs)
-
-  def with_learned_tokens(self, tokens: Sequence[str]) -> "Tokenizer":
-    """This tokenizer plus learned tokens, each matched whole in text (like `<extra_id_0>`)."""
-    return Tokenizer(self.path, max_length=self.max_length, extra_ids=self.extra_ids,
-                     learned_tokens=tuple(self.learned_tokens) + tuple(tokens),
-                     preprocess=self.preprocess)
-
-  @property
-  def vocab_size(self) -> int:
-    """SentencePiece pieces plus sentinels (32100 for T5), like `len(T5Tokenizer)`."""
-    return self.sp_size + self.extra_ids
-
-  @property
-  def pad_id(self) -> int:
-    return PAD_ID
-
-  @property
-  def eos_id(self) -> int:
-    return EOS_ID
-
-  @property
-  def unk_id(self) -> int:
-    return UNK_ID
-
-  def is_special(self, token_id: int) -> bool:
-    """True for <pad>, </s>, <unk> and the sentinels: what `skip_special_tokens` drops."""
-    return token_id in (PAD_ID, EOS_ID, UNK_ID) or self.sp_size <= token_id < self.vocab_size
-
-  def id_to_piece(self, token_id: int) -> str:
-    """The vocabulary entry of an id, e.g. '▁dog' (word-initial pieces start with '▁')."""
-    token_id = int(token_id)
-    if -len(self.learned_tokens) <= token_id < 0:
-      return self.learned_tokens[-1 - token_id]
-    if 0 <= token_id < self.sp_size:
-      return self._sp.id_to_piece(token_id)
-    if self.sp_size <= token_id < self.vocab_size:
-      return f"<extra_id_{self.vocab_size - 1 - token_id}>"
-    raise IndexError(f"token id {token_id} out of range [0, {self.vocab_size})")
-
-  def piece_to_id(self, piece: str) -> int:
-    """Inverse of `id_to_piece`; unknown pieces give the <unk> id, as in transformers."""
-    if piece in self._special_ids:
-      return self._special_ids[piece]
-    return self._sp.piece_to_id(piece)
-
-  def encode(self, text: str, *, add_eos: bool = True) -> list[int]:
-    """Ids of one string, neither truncated nor padded; `</s>` appended by default."""
-    if not isinstance(text, str):
-      raise TypeError(f"encode expects a str, got {type(text).__name__}")
-    ids: list[int] = []
-    start = 0
-    for match in self._special_re.finditer(text):
-      ids += self._sp.encode(text[start:match.start()])
-      ids.append(self._special_ids[match.group()])
-      start = match.end()
-    ids += self._sp.encode(text[start:])
-    return ids + [EOS_ID] if add_eos else ids
-
-  def preprocessed(self, prompt: str) -> str:
-    """The text `__call__` tokenizes for `prompt`: IF's preprocessing in this tokenizer's
-    mode, learned tokens kept verbatim."""
-    return captions.preprocess(prompt, self.preprocess, protected=self.learned_tokens)
-
-  def __call__(self, prompts: str | Sequence[str]) -> dict[str, np.ndarray]:
-    """IF's batch encoding: int32 `input_ids` and `attention_mask`, both [B, max_length].
-
-    Each prompt is first preprocessed (`preprocessed`) as IFPipeline.encode_prompt
-    does. Longer prompts are truncated to `max_length - 1` tokens plus `</s>`, as
-    transformers does with `truncation=True, max_length=77`.
-    """
-    if isinstance(prompts, str):
-      prompts = [prompts]
-    prompts = list(prompts)
-    input_ids = np.full((len(prompts), self.max_length), PAD_ID, np.int32)
-    attention_mask = np.zeros((len(prompts), self.max_length), np.int32)
-    for row, prompt in enumerate(prompts):
-      ids = self.encode(self.preprocessed(prompt), add_eos=False)[:self.max_length - 1] + [EOS_ID]
-      input_ids[row, :len(ids)] = ids
-      attention_mask[row, :len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
-
-  def decode(self, ids: Iterable[int] | np.ndarray, *, skip_special_tokens: bool = False) -> str:
-    """Text of ids, identical to `T5Tokenizer.decode` (specials as their strings unless skipped).
-
-    Pieces are joined, '▁' becomes a space and the first token's leading space
-    is dropped; <unk> decodes to '<unk>' (SentencePiece's own decoder would
-    write ' ⁇ ').
-    """
-    tokens = [self.id_to_piece(i) for i in np.asarray(ids, dtype=np.int64).reshape(-1)
-              if not (skip_special_tokens and self.is_special(int(i)))]
-    learned = set(self.learned_tokens)
-    text = [" " + t if t in learned else t.replace(_METASPACE, " ") for t in tokens]
-    if text and text[0].startswith(" "):
-      text[0] = text[0][1:]
-    return "".join(text)
-
-  def __repr__(self):
-    return (f"Tokenizer({self.path!r}, vocab_size={self.vocab_size}, "
-            f"max_length={self.max_length}, preprocess={self.preprocess!r})")
-
-
-# ---------------------------------------------------------------------------------------------
-# 2. Rare-token identifiers
-# ---------------------------------------------------------------------------------------------
+from dreambooth_jax.tokenizer import METASPACE, UNK_ID, Tokenizer
 
 INSTANCE_TEMPLATE = "a {identifier} {class_noun}"  # the DreamBooth paper's "a [V] [class noun]"
 CLASS_TEMPLATE = "a {class_noun}"                  # the prior-preservation prompt
@@ -298,7 +97,7 @@ def class_prompt(class_noun: str, *, template: str = CLASS_TEMPLATE) -> str:
 
 def _piece_text(piece: str) -> str:
   """What a piece reads as inside a word: '▁' (the word-boundary marker) dropped at its start."""
-  return piece[1:] if piece.startswith(_METASPACE) else piece
+  return piece[1:] if piece.startswith(METASPACE) else piece
 
 
 def rare_token_candidates(tokenizer: Tokenizer, *, id_range: tuple[int, int] = T5_RARE_ID_RANGE,
@@ -329,7 +128,7 @@ def rare_token_candidates(tokenizer: Tokenizer, *, id_range: tuple[int, int] = T
     if tokenizer.is_special(i):
       continue
     text = _piece_text(tokenizer.id_to_piece(i))
-    if (0 < len(text) <= max_chars and not any(c.isspace() or c == _METASPACE for c in text)
+    if (0 < len(text) <= max_chars and not any(c.isspace() or c == METASPACE for c in text)
         and (allow_punctuation or any(c.isalnum() for c in text))
         and captions.survives(text, tokenizer.preprocess)):
       keep.append(i)
@@ -398,7 +197,7 @@ def rare_token_identifier(tokenizer: Tokenizer, *, num_tokens: int = 1, seed: in
     raise ValueError(f"num_tokens must be 1, 2 or 3 (the paper's identifiers), got {num_tokens}")
   candidates = rare_token_candidates(tokenizer, id_range=id_range, max_chars=max_chars,
                                      allow_punctuation=allow_punctuation)
-  first = np.asarray([i for i in candidates if tokenizer.id_to_piece(i).startswith(_METASPACE)],
+  first = np.asarray([i for i in candidates if tokenizer.id_to_piece(i).startswith(METASPACE)],
                      np.int64)
   if first.size == 0:
     raise ValueError(
@@ -409,7 +208,7 @@ def rare_token_identifier(tokenizer: Tokenizer, *, num_tokens: int = 1, seed: in
   if single_word:
     rest = np.setdiff1d(candidates, first)
     if rest.size == 0 and num_tokens > 1:
-      raise ValueError(f"single_word: no continuation pieces (without '{_METASPACE}') among the "
+      raise ValueError(f"single_word: no continuation pieces (without '{METASPACE}') among the "
                        f"{len(candidates)} candidates in id_range {tuple(id_range)}")
   rng = np.random.default_rng(seed)
   last_reason = None

@@ -10,7 +10,7 @@ from the encoders so it can be checked on hand-made vectors:
   (`mean_distinct_pair_cosine`).
 - CLIP-T: cosine of each image with the CLIP text embedding of *its* prompt
   (`paired_cosine`); which text the prompt is (we drop the identifier) is the
-  caller's choice, see `dreambooth_jax.evaluate`.
+  caller's choice, see `dreambooth_jax.evaluation.protocol`.
 - PRES: `mean_pairwise_cosine` of DINO embeddings of "a [class noun]"
   generations vs the real subject photos (lower: less prior collapse).
 - DIV: mean LPIPS over distinct pairs of images of the same prompt, then the
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dreambooth_jax import eval_preprocess
+from dreambooth_jax.evaluation import preprocess
 from dreambooth_jax.weights import WeightsError
 
 # The upstream folders the protocol uses; named in the errors that say what to download.
@@ -206,11 +206,11 @@ class Encoders:
 
   def dino(self, images) -> np.ndarray:
     """DINO CLS embeddings [N, D] of uint8 images (any size: resized 256, cropped 224)."""
-    return self._embed(self._dino, eval_preprocess.preprocess_dino(images))
+    return self._embed(self._dino, preprocess.preprocess_dino(images))
 
   def clip_image(self, images) -> np.ndarray:
     """CLIP image embeddings [N, P] of uint8 images."""
-    return self._embed(self._clip_image, eval_preprocess.preprocess_clip(images))
+    return self._embed(self._clip_image, preprocess.preprocess_clip(images))
 
   def clip_text(self, prompts: Sequence[str]) -> np.ndarray:
     """CLIP text embeddings [N, P] of prompt strings (truncated to CLIP's 77 tokens)."""

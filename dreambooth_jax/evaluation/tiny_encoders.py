@@ -13,7 +13,8 @@ loaders accept, so the whole evaluation runs end to end:
 The architectures are the real ones at toy width (224 px inputs, so the
 protocol's resize-and-crop fits), the values are random. Scores computed with
 them mean NOTHING; they exist to exercise the pipeline. Each folder carries a
-STAND_IN.txt saying so.
+STAND_IN.txt saying so, and `encoders_or_stand_ins` (what the notebooks call:
+the real encoders when all three are given, else these) prints a banner.
 
 Tensors are named and laid out as transformers / lpips save them
 (`weights.torch_layout.export_params` of our modules, whose names are the
@@ -37,8 +38,9 @@ from dreambooth_jax.models.lpips import abstract_lpips
 from dreambooth_jax.models.vit import ViTConfig, abstract_vit
 from dreambooth_jax.weights import torch_layout
 
-STAND_IN_NOTE = ("Tiny RANDOM stand-in written by dreambooth_jax.tiny_encoders: real architecture at "
-                 "toy width, random weights. Scores computed with it are meaningless.\n")
+STAND_IN_NOTE = ("Tiny RANDOM stand-in written by dreambooth_jax.evaluation.tiny_encoders: "
+                 "real architecture at toy width, random weights. Scores computed with it are "
+                 "meaningless.\n")
 HIDDEN, HEADS, MLP, PROJECTION = 32, 2, 64, 16
 # Word-final merges for the words of the benchmark prompts that matter least to get
 # right: any text tokenizes (byte-level alphabet), these only shorten common words.
@@ -186,4 +188,26 @@ def write_tiny_encoders(root: str, seed: int = 0) -> dict[str, str]:
     _note(root)
     with open(done, "w") as f:
       f.write("ok\n")
+  return paths
+
+
+STAND_IN_WARNING = (
+    "DINO_DIR / CLIP_DIR / LPIPS_FILE not all given: the evaluation uses tiny RANDOM stand-in\n"
+    "encoders (dreambooth_jax.evaluation.tiny_encoders). The pipeline runs; the SCORES ARE "
+    "MEANINGLESS.")
+
+
+def encoders_or_stand_ins(dino: str, clip: str, lpips: str, stand_in_root: str) -> dict[str, str]:
+  """{"dino", "clip", "lpips"}: the given encoders when all three are set, else stand-ins.
+
+  What the notebooks call: a half-configured set falls back to the stand-ins
+  as a whole (scores from one real and one random encoder would look
+  plausible and mean nothing), with a banner that cannot be missed.
+  """
+  if dino and clip and lpips:
+    return dict(dino=dino, clip=clip, lpips=lpips)
+  paths = write_tiny_encoders(stand_in_root)
+  print("=" * 88)
+  print(STAND_IN_WARNING)
+  print("=" * 88)
   return paths

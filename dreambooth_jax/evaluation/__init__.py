@@ -1,0 +1,15 @@
+"""The DreamBooth evaluation protocol, kept apart from training as big_vision keeps `evaluators/`.
+
+  benchmark.py      the 30-subject DreamBooth dataset: subjects, class nouns, prompt templates
+  protocol.py       prompt set, resumable generation, scoring, report.json / report.md
+                    (`protocol.run` is `python -m dreambooth_jax.evaluate` from Python)
+  metrics.py        DINO, CLIP-I, CLIP-T, PRES, DIV and the `Encoders` that feed them
+  preprocess.py     DINO / CLIP image preprocessing (resize, center crop, normalise)
+  tiny_encoders.py  tiny RANDOM stand-in encoders, so the pipeline runs without real weights
+
+Nothing in training imports this package: the trainer neither knows nor pays for
+the protocol. The direction is one way: evaluation uses the core modules
+(`finetuned`, `data`, `grids`, `sharding`, `models`, `weights`), never the reverse.
+Submodules are imported by their users (`from dreambooth_jax.evaluation import
+protocol`); importing the package alone loads nothing.
+"""

@@ -1,0 +1,113 @@
+"""A training workdir's fine-tuned cascade, ready to sample: `FineTuned.load(workdir)`.
+
+The handle the sample and evaluation CLIs and the notebooks share. It rebuilds
+the run's models from its saved config (weights load on first use, each
+tensor into its sharding on this machine's mesh), restores what the
+checkpoint learned (orbax reshards: a TPU-trained workdir samples on a laptop),
+and embeds prompts through the workdir's prompt cache, so T5 is loaded only for
+prompts it has not seen. Tuned stages never load their pretrained weights: the
+checkpoint's params take their place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from dreambooth_jax import checkpoint as checkpoint_lib
+from dreambooth_jax import config_lib, embeddings, methods, pipeline, prompts, sharding
+from dreambooth_jax import state as state_lib
+from dreambooth_jax import identifiers, utils
+
+
+def load_config(workdir) -> Any:
+  """The config a training workdir was run with (its config.json), locked."""
+  path = utils.as_path(workdir) / "config.json"
+  if not path.exists():
+    raise state_lib.TrainError(f"{str(workdir)!r} has no config.json: not a dreambooth_jax.train "
+                               "workdir")
+  return config_lib.load(path)
+
+
+def restore_params(config, models: pipeline.Models, workdir, step: int | None = None):
+  """What a workdir checkpoint learned: ({stage: State} and/or {"tokens": rows}, step),
+  restored onto `models.mesh` whatever mesh trained it."""
+  ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=False)
+  step = ckpt.latest_step() if step is None else step
+  if step is None:
+    raise state_lib.TrainError(f"{str(workdir)!r} has no checkpoint yet; train first")
+  stages = {n: models.cascade.by_name[n] for n in models.tuned}
+  ps = state_lib.setup(config, stages, state_lib.checkpoint_phase(config, ckpt, step), models.mesh,
+                       models.rules, num_tokens=len(models.tokenizer.learned_tokens),
+                       token_width=models.t5_width)
+  state = state_lib.restore_state(ckpt, step, ps.abstract, ps.shardings)
+  return {**state.get("fixed", {}), **state["params"]}, step
+
+
+@dataclasses.dataclass
+class FineTuned:
+  """A training workdir's fine-tuned cascade, ready to sample."""
+  workdir: Any
+  config: Any
+  models: pipeline.Models
+  identifier: identifiers.Identifier
+  params: Mapping[str, Any]   # tuned stages' params at `step`
+  step: int
+  learned_rows: np.ndarray | None = None  # [K, d_model] rows of learned tokens, if any
+
+  @classmethod
+  def load(cls, workdir, step: int | None = None, mesh=None) -> "FineTuned":
+    """`mesh` defaults to every local device on fsdp."""
+    config = load_config(workdir)
+    models = pipeline.build(config, mesh if mesh is not None else sharding.make_mesh())
+    identifier = prompts.read_identifier(workdir)
+    params, step = restore_params(config, models, workdir, step)
+    rows = params.pop(methods.TOKENS, None)
+    return cls(utils.as_path(workdir), config, models, identifier, params, step,
+               None if rows is None else np.asarray(jax.device_get(rows)))
+
+  @property
+  def method(self) -> str:
+    return self.config.method
+
+  @property
+  def class_noun(self) -> str:
+    return self.config.subject.class_noun
+
+  def fill(self, prompt: str) -> str:
+    """'[V]' -> this run's identifier (see `prompts.fill`)."""
+    return prompts.fill(self.config, self.identifier, prompt)
+
+  def embed(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+    """{"text", "mask"} [len(texts), L, D] through the workdir's prompt cache; learned
+    tokens are embedded with this checkpoint's rows."""
+    texts = [self.fill(p) for p in texts]
+    unique = list(dict.fromkeys(texts))
+    learned = [p for p in unique if prompts.has_learned(self.models.tokenizer, p)]
+    plain = [p for p in unique if p not in learned]
+    cache = self.workdir / "prompt_embeddings"
+    table = {}
+    if plain:
+      table.update(self.models.encode(plain, cache))
+    if learned:
+      table.update(self.models.encode(learned, cache, rows=self.learned_rows))
+    return embeddings.stack_embeddings(table, texts)
+
+  def generate(self, prompt: str, num: int, rng: jax.Array, *, upto: str | None = None,
+               mesh=None) -> dict[str, np.ndarray]:
+    """{stage: uint8 [num, H, W, 3]} for one prompt ('[V]' allowed); deterministic per rng."""
+    return self.models.cascade.sample(self.embed([prompt]), rng, uncond_embeddings=self.embed([""]),
+                                      params=self.params, batch_size=num, upto=upto, mesh=mesh)
+
+
+def sample(workdir, texts: list[str], *, num: int = 4, seed: int = 0, step: int | None = None,
+           upto: str | None = None) -> list[tuple[str, dict[str, np.ndarray]]]:
+  """[(prompt, {stage: uint8 [num, H, W, 3]})] from a workdir's fine-tuned cascade."""
+  tuned = FineTuned.load(workdir, step)
+  print(f"sampling {workdir} at step {tuned.step} (identifier {tuned.identifier.text!r})", flush=True)
+  tuned.embed(list(texts) + [""])  # one T5 load for every prompt not in the cache
+  return [(tuned.fill(p), tuned.generate(p, num, jax.random.key(seed + i), upto=upto))
+          for i, p in enumerate(texts)]

@@ -1,0 +1,220 @@
+"""The setup the Colab notebooks share: accelerator and mesh, subject photos, config, display.
+
+`notebooks/dreambooth_tpu.ipynb` and `notebooks/compare_methods.ipynb` keep
+their parameters in their first cell and call these functions with them, so
+the two stay in step and a fix lands in both. Everything here is importable
+after `pip install`; only the notebooks' install cell is not here, since it
+runs before the package can be imported.
+
+Evaluation helpers live with the evaluation (`evaluation.protocol.report_table`,
+`evaluation.tiny_encoders.encoders_or_stand_ins`): training modules never import
+`evaluation`, and this module serves the training half of a notebook as much
+as the evaluation half. IPython is imported inside the functions that display,
+so the rest works in a plain interpreter.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from typing import Any, Mapping
+
+import numpy as np
+
+from dreambooth_jax import data, sharding
+
+# google/dreambooth's repository: the 30 subjects + prompts_and_classes.txt.
+BENCHMARK_URL = "https://github.com/google/dreambooth"
+COLAB_BENCHMARK_DIR = "/content/dreambooth_benchmark"
+
+
+def in_colab() -> bool:
+  return "google.colab" in sys.modules
+
+
+def show(path: str) -> None:
+  """Displays a PNG in the notebook."""
+  from IPython.display import Image, display
+  display(Image(filename=path))
+
+
+# ----------------------------------------------------------------------------
+# Accelerator and mesh.
+# ----------------------------------------------------------------------------
+
+
+def accelerator_mesh(axes: Mapping[str, int]):
+  """Says what is attached (TPU, GPU or CPU) and returns the `(data, fsdp, tensor)` mesh.
+
+  `axes` entries of -1 take the remaining devices. Also quiets absl logging to
+  warnings: orbax logs every checkpoint at INFO, which would bury the cell outputs.
+  """
+  import jax
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)
+  devices = jax.devices()
+  kind = {"tpu": "TPU", "gpu": "GPU", "cpu": "CPU"}.get(jax.default_backend(),
+                                                        jax.default_backend())
+  print(f"{kind}: {len(devices)} device(s) of kind {devices[0].device_kind!r}, "
+        f"{jax.process_count()} process(es)")
+  if kind == "CPU":
+    print("No accelerator: fine for the tiny default (minutes). For real weights pick "
+          "Runtime > Change runtime type > TPU in Colab.")
+  mesh = sharding.make_mesh(dict(axes))
+  print("mesh:", dict(mesh.shape))
+  return mesh
+
+
+# ----------------------------------------------------------------------------
+# Subject photos.
+# ----------------------------------------------------------------------------
+
+
+def subject_folder(subject_dir: str, *, upload_to: str | None = None) -> str:
+  """`subject_dir`; if empty, in Colab with `upload_to`, an upload of photos saved there;
+  else the packaged photos of the benchmark's dog."""
+  if not subject_dir and upload_to and in_colab():
+    from google.colab import files
+    print("Upload 3-5 photos of your subject (cancel to use the packaged dog photos):")
+    uploaded = files.upload()
+    if uploaded:
+      subject_dir = os.path.abspath(upload_to)
+      os.makedirs(subject_dir, exist_ok=True)
+      for name, content in uploaded.items():
+        with open(os.path.join(subject_dir, os.path.basename(name)), "wb") as f:
+          f.write(content)
+  if not subject_dir:
+    subject_dir = str(data.default_subject_dir())
+    print("using the packaged photos of the benchmark's dog subject")
+  return subject_dir
+
+
+def show_subject(subject_dir: str, size: int = 128) -> data.SubjectImages:
+  """Loads the photos (every bad file named, all at once, as training would) and shows them."""
+  from IPython.display import display
+  from PIL import Image
+  photos = data.load_subject_images(subject_dir, min_size=0)
+  print(f"{len(photos.paths)} photos in {subject_dir}")
+  row = np.concatenate([np.asarray(im.resize((size, size))) for im in photos.images], axis=1)
+  display(Image.fromarray(row))
+  return photos
+
+
+# ----------------------------------------------------------------------------
+# The config.
+# ----------------------------------------------------------------------------
+
+
+def describe_weights(pretrained_dir: str, if_stage_1: str, if_stage_2: str) -> None:
+  """Says which weights the run uses: the tiny random default is not the user's subject."""
+  if pretrained_dir:
+    print(f"weights: DeepFloyd IF from {pretrained_dir} ({if_stage_1}, {if_stage_2}); T5 and "
+          f"tokenizer from {if_stage_1}/")
+  else:
+    print("weights: PRETRAINED_DIR is empty, so this uses the TINY RANDOM default cascade and T5 "
+          "(proves the pipeline; its images are noise, not your subject)")
+
+
+def load_config(spec: str, extra_arg: str = "", *, repo: str, subject_dir: str, class_noun: str,
+                mesh, stages: str = "", steps: int = 0, pretrained_dir: str = "",
+                if_stage_1: str = "", if_stage_2: str = "",
+                overrides: Mapping[str, Any] | None = None):
+  """The locked config of `spec` ("file:arg", the file relative to `repo`), with the
+  notebook's parameters applied.
+
+  `stages`, `steps` and `extra_arg` join the config argument; the subject, the mesh
+  and the IF folders under `pretrained_dir` are set on the locked config, then the
+  dotted `overrides`, so that a misspelt key fails instead of being ignored.
+  """
+  path, _, arg = spec.partition(":")
+  if not os.path.isabs(path) and not os.path.isfile(path):
+    path = os.path.join(repo, path)
+  module_spec = importlib.util.spec_from_file_location("notebook_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  parts = [p for p in (arg, f"stages={stages}" if stages else "",
+                       f"steps={steps}" if steps else "", extra_arg) if p]
+  config = module.get_config(",".join(parts))
+  config.lock()  # from here on an unknown key is an error
+  config.subject.dir = subject_dir
+  config.subject.class_noun = class_noun
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = (
+      mesh.shape["data"], mesh.shape["fsdp"], mesh.shape["tensor"])
+  if pretrained_dir:
+    if config.model.kind == "tiny":
+      raise ValueError(f"PRETRAINED_DIR is set but CONFIG={spec!r} is the tiny variant: "
+                       "use 'configs/imagen_dog.py:if'")
+    stage_1 = os.path.join(pretrained_dir, if_stage_1)
+    config.pretrained.stage_1 = stage_1
+    config.pretrained.stage_2 = os.path.join(pretrained_dir, if_stage_2)
+    config.pretrained.t5 = os.path.join(stage_1, "text_encoder")
+    config.pretrained.tokenizer = os.path.join(stage_1, "tokenizer")
+  elif config.model.kind != "tiny":
+    raise ValueError(f"CONFIG={spec!r} needs DeepFloyd IF weights: set PRETRAINED_DIR, or use "
+                     "'configs/imagen_dog.py:tiny'")
+  for key, value in (overrides or {}).items():
+    node = config
+    *head, leaf = key.split(".")
+    for name in head:
+      node = node[name]
+    node[leaf] = value
+  return config
+
+
+# ----------------------------------------------------------------------------
+# What a run left behind.
+# ----------------------------------------------------------------------------
+
+
+def print_losses(workdir: str, last: int = 8) -> None:
+  """The last logged steps of metrics.jsonl."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.isfile(path):
+    return
+  with open(path) as f:
+    logged = [json.loads(line) for line in f if line.strip()]
+  print("step  loss")
+  for row in logged[-last:]:
+    print(f"{row['step']:>4}  {row['loss']:.4f}")
+
+
+def show_training_grids(workdir: str, last: int = 2) -> None:
+  """The latest sample grids training wrote to workdir/samples/."""
+  paths = sorted(glob.glob(os.path.join(workdir, "samples", "step_*.png")))
+  for path in paths[-last:]:
+    print(os.path.basename(path))
+    show(path)
+  if not paths:
+    print("no sample grid yet (config.log.sample_every)")
+
+
+def list_export(workdir: str) -> dict[str, Any]:
+  """Prints the files of workdir/export (sizes in MiB) and dreambooth.json; returns the latter."""
+  export = os.path.join(workdir, "export")
+  for root, _, names in sorted(os.walk(export)):
+    for name in sorted(names):
+      path = os.path.join(root, name)
+      print(f"{os.path.relpath(path, export):60s} {os.path.getsize(path) / 2**20:9.2f} MiB")
+  with open(os.path.join(export, "dreambooth.json")) as f:
+    info = json.load(f)
+  print(json.dumps({k: v for k, v in info.items() if k != "config"}, indent=2))
+  return info
+
+
+def benchmark_dataset(dataset_dir: str) -> str | None:
+  """The DreamBooth benchmark folder: `dataset_dir`, or in Colab a clone of google/dreambooth;
+  None (and why) when there is none, so the notebook skips its evaluation."""
+  dataset = dataset_dir
+  if not dataset and in_colab():
+    dataset = COLAB_BENCHMARK_DIR
+    if not os.path.isdir(dataset):
+      subprocess.run(["git", "clone", "--depth", "1", BENCHMARK_URL, dataset], check=True)
+  if dataset and os.path.isdir(dataset):
+    return dataset
+  print(f"evaluation skipped: DATASET_DIR={dataset_dir!r} is not a folder. Point it at the "
+        f"DreamBooth benchmark (git clone {BENCHMARK_URL}).")
+  return None
