@@ -43,8 +43,9 @@ IF_STAGE_I_SCHEDULER = dict(
     num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", beta_start=1e-4, beta_end=0.02,
     prediction_type="epsilon", variance_type="learned_range", clip_sample=True,
     clip_sample_range=1.0, thresholding=True, dynamic_thresholding_ratio=0.95,
-    sample_max_value=1.5)
-IF_STAGE_II_SCHEDULER = dict(IF_STAGE_I_SCHEDULER, sample_max_value=1.0)
+    sample_max_value=1.5, lambda_min_clipped=-5.1)  # DDPM ignores it; DPM-Solver uses it
+IF_STAGE_II_SCHEDULER = {k: v for k, v in IF_STAGE_I_SCHEDULER.items() if k != "lambda_min_clipped"}
+IF_STAGE_II_SCHEDULER["sample_max_value"] = 1.0  # (IF-II's published file carries no lambda_min_clipped)
 IF_IMAGE_NOISING_SCHEDULER = dict(
     num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", beta_start=1e-4, beta_end=0.02,
     variance_type="fixed_small", thresholding=False)

@@ -61,6 +61,7 @@ from tqdm import tqdm
 
 from dreambooth_jax import utils
 from dreambooth_jax.cascade import Cascade, StageSettings
+from dreambooth_jax.samplers import SAMPLERS
 
 __all__ = ["PriorSpec", "StageSampling", "GenerationReport", "PriorsError", "generate_priors",
            "load_priors", "ensure_priors", "MANIFEST"]
@@ -119,8 +120,9 @@ class StageSampling:
               sampler=str(m.get("sampler") or "ddpm"), eta=float(m.get("eta") or 0.0),
               aug_level=None if aug is None else float(aug),
               resolution=None if res is None else int(res))
-    if out.sampler not in ("ddpm", "ddim"):
-      raise ValueError(f"stage {name!r}: sampler {out.sampler!r}; use 'ddpm' (ancestral) or 'ddim'")
+    if out.sampler not in SAMPLERS:
+      raise ValueError(f"stage {name!r}: sampler {out.sampler!r}; use 'ddpm' (ancestral), 'ddim' "
+                       "or 'dpmpp_2m' (DPM-Solver++(2M))")
     if out.num_steps <= 0:
       raise ValueError(f"stage {name!r}: num_steps must be positive, got {out.num_steps}")
     return out
