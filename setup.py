@@ -35,6 +35,11 @@ setup(
         "ftfy",
     ],
     extras_require={
+        # The procedural world's TFDS builder (dreambooth_jax/world/tfds_builder.py). It writes
+        # ArrayRecord and reads it as a numpy data source, so TensorFlow is NOT needed.
+        # tensorflow-datasets 4.9 imports importlib_resources for builders defined in a
+        # package without declaring it on Python >= 3.9.
+        "world": ["tensorflow-datasets>=4.9.9", "array_record", "importlib_resources"],
         # The PyTorch references our parity tests compare against. The runtime
         # never imports them.
         "test": [
@@ -47,6 +52,10 @@ setup(
             "nbclient",
             "nbformat",
             "ipykernel",
+            # The world's TFDS builder is tested (without TensorFlow): the `world` extra.
+            "tensorflow-datasets>=4.9.9",
+            "array_record",
+            "importlib_resources",
             # The LPIPS reference (lpips==0.1.4) is installed with --no-deps (see README):
             # its torchvision requirement would replace the CPU torch with a CUDA build.
         ],
