@@ -100,6 +100,7 @@ def write_bytes(path: PathLike, data: bytes) -> None:
   if is_remote(p):
     p.write_bytes(data)
     return
+  p.parent.mkdir(parents=True, exist_ok=True)  # as on object stores, where there are no folders
   tmp = f"{os.fspath(p)}.{os.getpid()}.{uuid.uuid4().hex}.tmp"  # unique: hosts may race
   with open(tmp, "wb") as f:
     f.write(data)

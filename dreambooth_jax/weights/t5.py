@@ -22,14 +22,15 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from dreambooth_jax.models.t5 import T5Config, T5EncoderModel, count_params
 from dreambooth_jax.weights import safetensors_io
-from dreambooth_jax.weights.safetensors_io import WeightsError, open_folder, read_config
-from dreambooth_jax.weights.torch_layout import load_params
+from dreambooth_jax.weights.safetensors_io import WeightsError, open_folder, read_config, save_file
+from dreambooth_jax.weights.torch_layout import export_params, load_params
 
-__all__ = ["t5_config_from_dict", "describe_text_config", "resolve_t5_folder", "t5_tensor_layout",
+__all__ = ["save_t5_encoder", "t5_config_from_dict", "describe_text_config", "resolve_t5_folder", "t5_tensor_layout",
            "abstract_t5_encoder", "load_t5_encoder", "count_params", "T5_EMBED_ALIASES"]
 
 # transformers ties `encoder.embed_tokens.weight` to `shared.weight` and normally saves
@@ -154,3 +155,27 @@ def load_t5_encoder(directory: str, dtype=jnp.float32, *, param_dtype=None, rema
     place = lambda path, array: jnp.asarray(np.asarray(array).astype(param_dtype))
   return load_params(model, tensors, renames=renames, source=tensors.source, ignore=ignore,
                      place=place)
+
+
+def save_t5_encoder(model: T5EncoderModel, folder, *, dtype=None, variant: str | None = None) -> str:
+  """Writes our encoder as a Hugging Face folder (`config.json` + `model[.variant].safetensors`)
+  that `load_t5_encoder` and transformers' `T5EncoderModel.from_pretrained` load.
+
+  Parameter names already follow transformers' (`shared.weight`, `encoder.block.N...`);
+  `dtype` (e.g. np.float16) converts on the way out.
+  """
+  folder = epath.Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  c = model.config
+  config = {"architectures": ["T5EncoderModel"], "model_type": "t5", "is_encoder_decoder": False,
+            "vocab_size": c.vocab_size, "d_model": c.d_model, "d_kv": c.d_kv, "d_ff": c.d_ff,
+            "num_layers": c.num_layers, "num_heads": c.num_heads,
+            "relative_attention_num_buckets": c.relative_attention_num_buckets,
+            "relative_attention_max_distance": c.relative_attention_max_distance,
+            "layer_norm_epsilon": c.layer_norm_epsilon, "feed_forward_proj": c.feed_forward_proj,
+            "initializer_factor": c.initializer_factor, "pad_token_id": 0, "eos_token_id": 1,
+            "tie_word_embeddings": False}
+  (folder / "config.json").write_text(json.dumps(config, indent=2))
+  name = f"model.{variant}.safetensors" if variant else "model.safetensors"
+  save_file(export_params(model, dtype=dtype), folder / name, metadata={"format": "pt"})
+  return str(folder)

@@ -199,16 +199,17 @@ def load_unet(folder: str, dtype=jnp.float32, *, compute_dtype=None, variant: st
   return torch_layout.load_params(model, tensors, dtype=dtype, source=tensors.source, place=place)
 
 
-def save_unet_diffusers(unet: UNet, folder: str, dtype=None) -> str:
+def save_unet_diffusers(unet: UNet, folder: str, dtype=None, variant: str | None = None) -> str:
   """Writes `unet` as a diffusers folder that `UNet2DConditionModel.from_pretrained` loads.
 
   `dtype` (e.g. np.float16) converts on the way out; default keeps the param dtype.
+  `variant` names the file as diffusers does (`diffusion_pytorch_model.fp16.safetensors`).
   """
   folder = epath.Path(folder)  # local or remote (gs://...)
   folder.mkdir(parents=True, exist_ok=True)
   tensors = torch_layout.export_params(unet, dtype=dtype)
-  safetensors_io.save_file(tensors, folder / (WEIGHTS_STEM + ".safetensors"),
-                           metadata={"format": "pt"})
+  name = f"{WEIGHTS_STEM}.{variant}.safetensors" if variant else f"{WEIGHTS_STEM}.safetensors"
+  safetensors_io.save_file(tensors, folder / name, metadata={"format": "pt"})
   config = unet.cfg.to_diffusers()
   config["_diffusers_version"] = "0.42.1"
   (folder / "config.json").write_text(json.dumps(config, indent=2))
