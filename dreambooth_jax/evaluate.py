@@ -15,9 +15,22 @@ It prints each row's DINO, CLIP-I, CLIP-T, PRES and DIV and writes report.md
 and report.json to `--out` (default <first workdir>/eval). Generation
 resumes where an interrupted run stopped.
 
-The protocol itself (prompt set, common random numbers, the CLIP-T text,
-resumable generation, the report) is `dreambooth_jax.evaluation.protocol`;
-`protocol.run(...)` is this command from Python.
+`--protocol=world` evaluates a subject of the procedural world
+(`dreambooth_jax.world`) with the world's own classifier instead of DINO,
+CLIP and LPIPS (no --dataset, --dino, --clip or --lpips):
+
+  python -m dreambooth_jax.evaluate --protocol=world --subject=zigzag_ball \
+      --workdir=workdirs/zigzag_ball
+
+prompts "a [V] ball" in each context the subject's photos never show, plus
+"a ball"; columns Subject, Attributes, Context, PRES and DIV, mean ± std over
+prompts, and a row of the world's own renders (always; `--evaluator=FILE`
+replaces the packaged classifier; default --out <first workdir>/eval_world).
+
+The protocols themselves (prompt set, common random numbers, the CLIP-T text,
+resumable generation, the report) are `dreambooth_jax.evaluation.protocol` and
+`dreambooth_jax.evaluation.world_protocol`; their `run(...)` is this command
+from Python.
 """
 
 from __future__ import annotations
@@ -25,24 +38,31 @@ from __future__ import annotations
 from absl import app, flags
 
 from dreambooth_jax import utils
-from dreambooth_jax.evaluation import protocol
+from dreambooth_jax.evaluation import protocol, world_protocol
 
 flags.DEFINE_list("workdir", [], "Training workdirs to evaluate, comma-separated (local or gs://).")
 flags.DEFINE_integer("seed", 0, "Generation seed; every workdir gets the same rng per prompt.")
-flags.DEFINE_string("out", None, "Output folder (default: <first workdir>/eval).")
+flags.DEFINE_string("out", None, "Output folder (default: <first workdir>/eval, world: "
+                    "<first workdir>/eval_world).")
 flags.DEFINE_string("dataset", None, "DreamBooth dataset folder (holds prompts_and_classes.txt).")
-flags.DEFINE_string("subject", None, "Benchmark subject, e.g. dog.")
+flags.DEFINE_string("subject", None, "Benchmark subject, e.g. dog; with --protocol=world a world "
+                    "subject, e.g. zigzag_ball.")
 flags.DEFINE_string("dino", None, "Local folder of facebook/dino-vits16 (config.json + "
                     "model.safetensors).")
 flags.DEFINE_string("clip", None, "Local folder of openai/clip-vit-base-patch32 (+ vocab.json, "
                     "merges.txt).")
 flags.DEFINE_string("lpips", None, "LPIPS-AlexNet safetensors file (experiments/convert_lpips.py).")
-flags.DEFINE_integer("num_images", None, "Images per prompt (default 4; simple protocol 64).")
+flags.DEFINE_integer("num_images", None, "Images per prompt (default 4; simple protocol 64; "
+                     "world 8).")
 flags.DEFINE_integer("num_prompts", None, "Use the first N prompts (default: all 25).")
 flags.DEFINE_integer("num_class_images", 16, "Images of 'a [class noun]' per workdir, for PRES.")
-flags.DEFINE_enum("protocol", "benchmark", ["benchmark", "simple"],
-                  "benchmark: the 25 prompts; simple: 'a photo of [V] [class]'.")
-flags.DEFINE_bool("real", False, "Add the real-images row (real vs real, the upper bound).")
+flags.DEFINE_enum("protocol", "benchmark", ["benchmark", "simple", "world"],
+                  "benchmark: the 25 prompts; simple: 'a photo of [V] [class]'; world: a world "
+                  "subject in its held-out contexts, scored by the world evaluator.")
+flags.DEFINE_bool("real", False, "Add the real-images row (real vs real, the upper bound); the "
+                  "world protocol always has its real row.")
+flags.DEFINE_string("evaluator", None, "World protocol: the world evaluator file (default: the "
+                    "packaged dreambooth_jax/assets/world_evaluator.safetensors).")
 flags.DEFINE_integer("batch_size", 8, "Images generated per cascade call.")
 
 
@@ -51,14 +71,25 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   f = flags.FLAGS
   workdirs = [w.strip() for w in f.workdir if w.strip()]
-  report = protocol.run(workdirs, f.dataset, f.subject, f.dino, f.clip, f.lpips,
-                        num_images=f.num_images, num_prompts=f.num_prompts, protocol=f.protocol,
-                        real=f.real, out=f.out, seed=f.seed,
-                        num_class_images=f.num_class_images, batch_size=f.batch_size)
-  out = f.out or utils.as_path(workdirs[0]) / "eval"
-  for r in report["rows"]:
-    print(f"{r['label']}: " + "  ".join(f"{m} {protocol.format_score(r['metrics'][m])}"
-                                         for m in protocol.METRICS))
+  if f.protocol == "world":
+    if f.num_prompts is not None:
+      raise protocol.EvalError("--num_prompts: the world protocol always uses its 4 held-out "
+                               "contexts; leave the flag out")
+    report = world_protocol.run(workdirs, f.subject, evaluator=f.evaluator,
+                                num_images=f.num_images, num_class_images=f.num_class_images,
+                                out=f.out, seed=f.seed, batch_size=f.batch_size)
+    out = f.out or utils.as_path(workdirs[0]) / "eval_world"
+    lines = [world_protocol.format_row(r) for r in report["rows"]]
+  else:
+    report = protocol.run(workdirs, f.dataset, f.subject, f.dino, f.clip, f.lpips,
+                          num_images=f.num_images, num_prompts=f.num_prompts,
+                          protocol=f.protocol, real=f.real, out=f.out, seed=f.seed,
+                          num_class_images=f.num_class_images, batch_size=f.batch_size)
+    out = f.out or utils.as_path(workdirs[0]) / "eval"
+    lines = [f"{r['label']}: " + "  ".join(f"{m} {protocol.format_score(r['metrics'][m])}"
+                                           for m in protocol.METRICS) for r in report["rows"]]
+  for line in lines:
+    print(line)
   print(f"wrote {utils.as_path(out) / 'report.md'} and report.json", flush=True)
 
 
@@ -67,5 +98,5 @@ def cli(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["dataset", "subject"])
+  flags.mark_flags_as_required(["subject"])  # --dataset: the benchmark protocols check it
   app.run(cli)

@@ -3,6 +3,8 @@
   benchmark.py      the 30-subject DreamBooth dataset: subjects, class nouns, prompt templates
   protocol.py       prompt set, resumable generation, scoring, report.json / report.md
                     (`protocol.run` is `python -m dreambooth_jax.evaluate` from Python)
+  world_protocol.py the same protocol on a subject of the procedural world, scored by the
+                    world's own classifier (`python -m dreambooth_jax.evaluate --protocol=world`)
   metrics.py        DINO, CLIP-I, CLIP-T, PRES, DIV and the `Encoders` that feed them
   preprocess.py     DINO / CLIP image preprocessing (resize, center crop, normalise)
   tiny_encoders.py  tiny RANDOM stand-in encoders, so the pipeline runs without real weights

@@ -189,12 +189,23 @@ def _check_settings(workdirs, dataset, subject_name, protocol, num_images, num_c
     raise EvalError("pass --dataset=DIR, the DreamBooth dataset folder (prompts_and_classes.txt)")
   if not subject_name:
     raise EvalError("pass --subject=NAME, a subject of the benchmark (e.g. dog)")
+  check_counts(num_images, num_class_images, batch_size)
+  check_workdirs(workdirs)
+
+
+def check_counts(num_images: int, num_class_images: int, batch_size: int) -> None:
+  """Image counts every protocol needs: DIV compares two or more images of a prompt."""
   if num_images < 2 or num_class_images < 1:
     raise EvalError(f"--num_images={num_images} / --num_class_images={num_class_images}: DIV "
                     f"compares images of the same prompt, so --num_images must be at least 2 "
                     f"and --num_class_images at least 1")
   if batch_size < 1:
     raise EvalError(f"--batch_size={batch_size} must be at least 1")
+
+
+def check_workdirs(workdirs: Sequence[str]) -> None:
+  """Fails before any model is built: a folder listed twice, or one that is not a training
+  workdir with an identifier (every protocol's first check)."""
   if len({str(utils.absolute(w)) for w in workdirs}) != len(workdirs):
     raise EvalError(f"--workdir lists a folder twice: {','.join(workdirs)}")
   for w in workdirs:
@@ -204,8 +215,19 @@ def _check_settings(workdirs, dataset, subject_name, protocol, num_images, num_c
       raise EvalError(f"--workdir={w} has no identifier.json: training never started there")
 
 
-def _slug(text: str) -> str:
-  return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "run"
+def row_label(tuned, workdir) -> str:
+  """A report row's label: the method and the workdir's name, e.g. "dreambooth (zigzag)"."""
+  return f"{tuned.method} ({utils.as_path(workdir).name})"
+
+
+def row_folder(label: str, used: set[str]) -> str:
+  """A folder name for a row's images under the report folder: the label made file-safe,
+  never "real" and never one already in `used` (to which it is added)."""
+  name = re.sub(r"[^A-Za-z0-9_.-]+", "_", label.replace(" (", "-")).strip("_") or "run"
+  while name in used or name == "real":
+    name += "_"
+  used.add(name)
+  return name
 
 
 def run(workdirs: Sequence[str], dataset: str, subject: str, dino: str, clip: str, lpips: str, *,
@@ -271,11 +293,8 @@ def run(workdirs: Sequence[str], dataset: str, subject: str, dino: str, clip: st
     if tuned.class_noun != subj.class_noun:
       logging.warning("%s was trained on class %r but --subject=%s is a %r; prompts use %r",
                       w, tuned.class_noun, subj.name, subj.class_noun, subj.class_noun)
-    label = f"{tuned.method} ({utils.as_path(w).name})"
-    folder_name = _slug(label.replace(" (", "-"))
-    while folder_name in used or folder_name == "real":
-      folder_name += "_"
-    used.add(folder_name)
+    label = row_label(tuned, w)
+    folder_name = row_folder(label, used)
     folder = out / folder_name
     images, generated = generate_jobs(tuned, folder, jobs + [class_job], seed=seed,
                                       batch_size=batch_size, mesh=mesh, label=label)

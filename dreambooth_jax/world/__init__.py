@@ -12,9 +12,11 @@ shows. Every image is drawn from a `Scene`, so it comes with exact labels.
   objects.py       the objects' surfaces, patterns and shading
   subjects.py      the subjects, their photos, write_subject_folder
   tfds_builder.py  a tensorflow-datasets builder (optional extra `world`; imported on its own)
+  evaluator.py     a small trained classifier of the world's labels (jax/flax), shipped in
+                   assets/world_evaluator.safetensors; the world protocol scores with it
 
 Submodules are imported by their users (`from dreambooth_jax.world import scene,
 subjects`), as in `evaluation/`: importing the package alone loads nothing, and
-nothing in training imports it. The world needs only numpy and PIL; the TFDS
-builder needs the optional extra `world`.
+nothing in training imports it. The world needs only numpy and PIL (the evaluator
+also jax and flax); the TFDS builder needs the optional extra `world`.
 """

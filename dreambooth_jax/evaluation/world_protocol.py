@@ -1,0 +1,304 @@
+"""The DreamBooth protocol on the procedural world, scored by the world's own classifier.
+
+`run(workdirs, subject)` is `python -m dreambooth_jax.evaluate --protocol=world`.
+For a world subject (`dreambooth_jax.world.subjects`, e.g. zigzag_ball) each
+fine-tuned workdir generates, with the benchmark's resumable machinery
+(`protocol.generate_jobs`: PNGs, a manifest, common random numbers):
+
+- one prompt per held-out context, the contexts the subject's photos never
+  show: "a [V] ball on the beach", "... in the snow", "... at night",
+  "... with a city in the background" (`subjects.HELD_OUT_CONTEXTS`);
+- the class prompt "a ball" (what prior preservation protects).
+
+The world evaluator (`dreambooth_jax.world.evaluator`, a classifier trained on
+the world) scores the last stage's images. The benchmark's metrics have these
+analogues, each a mean over prompts (± the std over prompts):
+
+  Subject ↑     P(this subject): subject fidelity, as DINO / CLIP-I.
+  Attributes ↑  mean P(the subject's class, colour, colour2, pattern): the same,
+                attribute by attribute (also reported one by one).
+  Context ↑     P(the prompt's context): prompt fidelity, as CLIP-T.
+  PRES ↓        P(this subject) on the class-prompt images (± std over those
+                images): "a ball" turned into the subject is language drift.
+  DIV ↑         mean cosine distance (1 - cos) of the evaluator's features over
+                distinct pairs of one prompt's images, as LPIPS-DIV.
+
+The "Real (world renders)" row needs no generator: the subject drawn by the
+world in each held-out context (`photo_scene(i, context=...)` at 64 px) is the
+upper bound of Subject, Attributes, Context and DIV; its PRES is the
+evaluator's P(this subject) on ordinary objects of the class drawn from the
+pretraining distribution, the floor a model without drift reaches. The real
+row is always reported: it costs a second of rendering.
+
+The metric arithmetic (`score_images`, `summarize`) takes probabilities and
+features, so it is checked on hand-made numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+from absl import logging
+
+import numpy as np
+
+from dreambooth_jax import finetuned, grids, sharding, utils
+from dreambooth_jax.evaluation import metrics
+from dreambooth_jax.evaluation.protocol import (CLASS_KEY, CLASS_RNG_INDEX, EvalError, Job,
+                                                check_counts, check_workdirs, format_score,
+                                                generate_jobs, row_folder, row_label)
+from dreambooth_jax.world import evaluator as evaluator_lib
+from dreambooth_jax.world import scene as scene_lib
+from dreambooth_jax.world import subjects as subjects_lib
+from dreambooth_jax.world import vocab
+
+METRICS = ("Subject", "Attributes", "Context", "PRES", "DIV")
+ARROWS = {"Subject": "↑", "Attributes": "↑", "Context": "↑", "PRES": "↓", "DIV": "↑"}
+ATTRIBUTES = ("class", "colour", "colour2", "pattern")
+REAL_LABEL = "Real (world renders)"
+REAL_CLASS_SEED = 0  # the pretraining distribution's seed 0: ordinary objects of the class
+RENDER_SIZE = 64     # the world cascade's last stage
+
+
+def prompt_set(subject: subjects_lib.Subject, *, num_images: int,
+               num_class_images: int) -> tuple[list[Job], Job]:
+  """(a prompt per held-out context, keyed by the context; the class prompt "a ball")."""
+  jobs = [Job(context, subject.prompt("[V]", context),
+              vocab.with_article(f"{subject.cls} {vocab.CONTEXTS[context]}"), num_images, i)
+          for i, context in enumerate(subjects_lib.HELD_OUT_CONTEXTS)]
+  cls = vocab.with_article(subject.cls)
+  return jobs, Job(CLASS_KEY, cls, cls, num_class_images, CLASS_RNG_INDEX)
+
+
+# ----------------------------------------------------------------------------
+# Arithmetic on the evaluator's outputs.
+# ----------------------------------------------------------------------------
+
+
+def expected_ids(evaluator, subject: subjects_lib.Subject) -> dict[str, int]:
+  """The subject's ids in the evaluator's heads: subject and ATTRIBUTES."""
+  names = {"subject": subject.name, "class": subject.cls, "colour": subject.colour,
+           "colour2": subject.colour2, "pattern": subject.pattern}
+  return {k: evaluator.index(k, v) for k, v in names.items()}
+
+
+def cosine_distance(a, b) -> np.ndarray:
+  """1 - cos of row pairs a[i], b[i]: the DIV distance on evaluator features."""
+  return 1.0 - metrics.paired_cosine(a, b)
+
+
+def score_images(probs: Mapping[str, np.ndarray], features: np.ndarray,
+                 expected: Mapping[str, int], context: int | None) -> dict[str, Any]:
+  """Scores of one prompt's images: Subject, each attribute, Attributes (their mean),
+  Context (None when `context` is None) and DIV (None for fewer than 2 images)."""
+  take = lambda label, i: float(np.mean(np.asarray(probs[label])[:, i]))
+  attributes = {a: take(a, expected[a]) for a in ATTRIBUTES}
+  return {"Subject": take("subject", expected["subject"]),
+          "Attributes": float(np.mean(list(attributes.values()))),
+          "attributes": attributes,
+          "Context": None if context is None else take("context", context),
+          "DIV": (metrics.mean_pairwise_distance(cosine_distance, np.asarray(features))[0]
+                  if len(features) >= 2 else None)}
+
+
+def pres(class_probs: Mapping[str, np.ndarray], expected: Mapping[str, int]) -> dict[str, float]:
+  """PRES: {mean, std} of P(this subject) over the class-prompt images."""
+  p = np.asarray(class_probs["subject"])[:, expected["subject"]]
+  return {"mean": float(p.mean()), "std": float(p.std())}
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+  """{mean, std} (population std) of per-prompt values."""
+  v = np.asarray(values, np.float64)
+  return {"mean": float(v.mean()), "std": float(v.std())}
+
+
+def summarize(per_prompt: Sequence[Mapping[str, Any]],
+              class_pres: Mapping[str, float] | None) -> tuple[dict, dict]:
+  """(row metrics {metric: {mean, std} or None}, attribute agreement {attribute: {mean, std}})
+  over the prompts' scores (`score_images`) and PRES."""
+  row = {m: spread([p[m] for p in per_prompt]) for m in ("Subject", "Attributes", "Context", "DIV")}
+  row["PRES"] = dict(class_pres) if class_pres is not None else None
+  attributes = {a: spread([p["attributes"][a] for p in per_prompt]) for a in ATTRIBUTES}
+  return {m: row[m] for m in METRICS}, attributes
+
+
+def score_row(evaluator, subject, jobs: Sequence[Job], images: Mapping[str, np.ndarray],
+              class_images: np.ndarray | None) -> dict[str, Any]:
+  """{metrics, attributes, per_prompt} of one row's images ({job key: uint8 [N, H, W, 3]})."""
+  expected = expected_ids(evaluator, subject)
+  per_prompt = []
+  for j in jobs:
+    probs, feats = evaluator.predict_and_features(images[j.key])
+    score = score_images(probs, feats, expected, evaluator.index("context", j.key))
+    per_prompt.append({"key": j.key, "prompt": j.template, **score})
+  class_pres = None if class_images is None else pres(evaluator.predict(class_images), expected)
+  row, attributes = summarize(per_prompt, class_pres)
+  return dict(metrics=row, attributes=attributes, per_prompt=per_prompt)
+
+
+# ----------------------------------------------------------------------------
+# The real row: the world's own renders.
+# ----------------------------------------------------------------------------
+
+
+def real_images(subject: subjects_lib.Subject, jobs: Sequence[Job], num_class_images: int
+                ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """({context: the subject in it, [num, 64, 64, 3]}, ordinary objects of its class)."""
+  images = {j.key: np.stack([scene_lib.render(subject.photo_scene(i, context=j.key), RENDER_SIZE)
+                             for i in range(j.num)]) for j in jobs}
+  ordinary, i = [], 0
+  while len(ordinary) < num_class_images:
+    s, _ = scene_lib.scene_at(REAL_CLASS_SEED, i)
+    if s.cls == subject.cls:
+      ordinary.append(scene_lib.render(s, RENDER_SIZE))
+    i += 1
+  return images, np.stack(ordinary)
+
+
+# ----------------------------------------------------------------------------
+# The run.
+# ----------------------------------------------------------------------------
+
+
+def run(workdirs: Sequence[str], subject: str, *, evaluator: str | None = None,
+        num_images: int | None = None, num_class_images: int = 16, out: str | None = None,
+        seed: int = 0, batch_size: int = 8) -> dict[str, Any]:
+  """Generates, scores and writes report.md + report.json under `out`; returns the report.
+
+  `num_images` (per held-out context) defaults to 8; `out` to <first workdir>/eval_world;
+  `evaluator` to the packaged classifier.
+  """
+  # == Checks that need no model ====================================================
+  workdirs = [str(w) for w in workdirs]
+  num_images = num_images or 8
+  if not subject:
+    raise EvalError(f"pass --subject=NAME, a world subject: {', '.join(subjects_lib.SUBJECT_NAMES)}")
+  if subject not in subjects_lib.SUBJECT_NAMES:
+    raise EvalError(f"--subject={subject} is not a world subject; choose one of: "
+                    f"{', '.join(subjects_lib.SUBJECT_NAMES)}")
+  check_counts(num_images, num_class_images, batch_size)
+  check_workdirs(workdirs)
+  if out is None:
+    if not workdirs:
+      raise EvalError("--out is needed without --workdir (there is no workdir to write into)")
+    out = utils.as_path(workdirs[0]) / "eval_world"
+  out = utils.as_path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  subj = subjects_lib.get(subject)
+  judge = evaluator_lib.WorldEvaluator.load(evaluator)
+  jobs, class_job = prompt_set(subj, num_images=num_images, num_class_images=num_class_images)
+
+  settings = dict(subject=subj.name, class_noun=subj.cls, description=subj.description,
+                  protocol="world", contexts=list(subjects_lib.HELD_OUT_CONTEXTS),
+                  num_prompts=len(jobs), num_images=num_images,
+                  num_class_images=num_class_images, seed=seed, batch_size=batch_size,
+                  evaluator=str(evaluator or evaluator_lib.DEFAULT_PATH),
+                  evaluator_test_accuracy=judge.info.get("test_accuracy"),
+                  spread="std over prompts (PRES: over the class-prompt images)",
+                  div="mean 1 - cos of evaluator features over distinct pairs within a prompt",
+                  real_row="the world's renders of the subject in each held-out context; "
+                           "PRES: ordinary objects of the class (pretraining distribution)")
+
+  # == The real row: the world's renders, no generator ==============================
+  real, ordinary = real_images(subj, jobs, num_class_images)
+  grids.save_grid(out / "real" / "grid.png",
+                  [(f"{subj.name} {vocab.CONTEXTS[j.key]}", {"real": real[j.key][:8]}) for j in jobs]
+                  + [(f"{class_job.template} (ordinary)", {"real": ordinary[:8]})])
+  rows = [dict(label=REAL_LABEL, method="real", workdir=None, step=None, identifier=None,
+               stage=None, resolution=RENDER_SIZE, generated=0, grid="real/grid.png",
+               **score_row(judge, subj, jobs, real, ordinary))]
+
+  # == One row per workdir: generate (resumable), score ============================
+  mesh = sharding.make_mesh() if workdirs else None
+  used = set()
+  for w in workdirs:
+    tuned = finetuned.FineTuned.load(w)
+    if tuned.class_noun != subj.cls:
+      logging.warning("%s was trained on class %r but --subject=%s is a %r; prompts use %r",
+                      w, tuned.class_noun, subj.name, subj.cls, subj.cls)
+    stage = tuned.models.cascade.stages[-1]
+    resolution = stage.settings.resolution
+    if not evaluator_lib.MIN_SIZE <= resolution <= evaluator_lib.MAX_SIZE:
+      raise EvalError(f"--workdir={w}: its last stage draws {resolution} px images; the "
+                      f"world evaluator takes {evaluator_lib.MIN_SIZE} to "
+                      f"{evaluator_lib.MAX_SIZE} px")
+    label = row_label(tuned, w)
+    folder_name = row_folder(label, used)
+    folder = out / folder_name
+    images, generated = generate_jobs(tuned, folder, jobs + [class_job], seed=seed,
+                                      batch_size=batch_size, mesh=mesh, label=label)
+    grids.save_grid(folder / "grid.png", [(tuned.fill(j.template), {stage.name: images[j.key][:8]})
+                                          for j in jobs + [class_job]])
+    rows.append(dict(label=label, method=tuned.method, workdir=str(utils.absolute(w)),
+                     step=int(tuned.step), identifier=tuned.identifier.text, stage=stage.name,
+                     resolution=int(images[jobs[0].key].shape[1]), generated=generated,
+                     grid=f"{folder_name}/grid.png",
+                     **score_row(judge, subj, jobs, images, images[CLASS_KEY])))
+    del tuned  # one cascade in memory at a time
+
+  # == Report =======================================================================
+  report = dict(settings=settings, prompts=[dataclasses.asdict(j) for j in jobs + [class_job]],
+                rows=rows)
+  utils.write_json(out / "report.json", report)
+  utils.write_text(out / "report.md", markdown(report))
+  return report
+
+
+# ----------------------------------------------------------------------------
+# The report.
+# ----------------------------------------------------------------------------
+
+
+def format_spread(v: Mapping[str, float] | None) -> str:
+  """{mean, std} as "0.812 ± 0.034", or N/A."""
+  return "N/A" if v is None else f"{format_score(v['mean'])} ± {format_score(v['std'])}"
+
+
+def table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+  """Markdown lines of the benchmark's table layout with the world's metrics, a row per row."""
+  lines = ["| Method | " + " | ".join(f"{m} {ARROWS[m]}" for m in METRICS) + " |",
+           "|---|" + "---:|" * len(METRICS)]
+  lines += [f"| {r['label']} | " + " | ".join(format_spread(r["metrics"][m]) for m in METRICS)
+            + " |" for r in rows]
+  return lines
+
+
+def format_row(row: Mapping[str, Any]) -> str:
+  """One line per row for a terminal: "label: Subject 0.812 ± 0.034  ..."."""
+  return f"{row['label']}: " + "  ".join(f"{m} {format_spread(row['metrics'][m])}"
+                                         for m in METRICS)
+
+
+def markdown(report: Mapping[str, Any]) -> str:
+  """report.md: the table, attribute agreement, run details, grids, per-prompt scores."""
+  s = report["settings"]
+  rows = report["rows"]
+  lines = [f"# World evaluation: {s['subject']} ({s['class_noun']})", "",
+           f"{s['description']}. Protocol `world`: {s['num_prompts']} held-out contexts "
+           f"({', '.join(s['contexts'])}) x {s['num_images']} images, {s['num_class_images']} "
+           f"images of \"a {s['class_noun']}\" for PRES, seed {s['seed']}. Scored by the world "
+           f"evaluator `{s['evaluator']}`; mean ± {s['spread']}.", ""]
+  lines += table(rows)
+  lines += ["", "Attribute agreement (mean P of the subject's value, ± std over prompts):", "",
+            "| Method | " + " | ".join(ATTRIBUTES) + " |", "|---|" + "---:|" * len(ATTRIBUTES)]
+  lines += [f"| {r['label']} | " + " | ".join(format_spread(r["attributes"][a])
+                                              for a in ATTRIBUTES) + " |" for r in rows]
+  runs = [r for r in rows if r["workdir"]]
+  if runs:
+    lines += ["", "| Row | Workdir | Step | Identifier | Stage | Generated now |",
+              "|---|---|---:|---|---|---:|"]
+    lines += [f"| {r['label']} | `{r['workdir']}` | {r['step']} | `{r['identifier']}` | "
+              f"{r['stage']} ({r['resolution']} px) | {r['generated']} |" for r in runs]
+  lines += ["", "## Samples", ""]
+  lines += [f"**{r['label']}**\n\n![{r['label']}]({r['grid']})\n" for r in rows]
+  for r in rows:
+    lines += [f"## Per prompt: {r['label']}", "",
+              "| Context | Prompt | Subject | Attributes | Context | DIV |",
+              "|---|---|---:|---:|---:|---:|"]
+    lines += [f"| {p['key']} | {p['prompt']} | "
+              + " | ".join(format_score(p[m]) for m in ("Subject", "Attributes", "Context", "DIV"))
+              + " |" for p in r["per_prompt"]]
+    lines.append("")
+  return "\n".join(lines) + "\n"
