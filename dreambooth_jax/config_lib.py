@@ -9,6 +9,8 @@ the type of their default. Configs are locked after building, so a typo in
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from typing import Any
 
 import ml_collections
@@ -79,6 +81,21 @@ def load(path) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict(utils.read_json(path))
   config.lock()
   return config
+
+
+def from_file(spec: str, *, relative_to: str | None = None) -> ml_collections.ConfigDict:
+  """The config of a config file and its argument, "configs/world.py:subject=star_box", as
+  `--config=` builds it (relative paths from `relative_to`, else the working folder)."""
+  path, _, arg = spec.partition(":")
+  if relative_to and not os.path.isabs(path) and not os.path.isfile(path):
+    path = os.path.join(relative_to, path)
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file {path!r} does not exist (from {spec!r})")
+  module_spec = importlib.util.spec_from_file_location(
+      "config_" + os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
 
 
 def get(config: ml_collections.ConfigDict, dotted: str, default: Any = None) -> Any:

@@ -16,7 +16,6 @@ so the rest works in a plain interpreter.
 from __future__ import annotations
 
 import glob
-import importlib.util
 import json
 import os
 import subprocess
@@ -25,7 +24,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from dreambooth_jax import data, sharding
+from dreambooth_jax import config_lib, data, sharding
 
 # google/dreambooth's repository: the 30 subjects + prompts_and_classes.txt.
 BENCHMARK_URL = "https://github.com/google/dreambooth"
@@ -131,14 +130,9 @@ def load_config(spec: str, extra_arg: str = "", *, repo: str, subject_dir: str, 
   dotted `overrides`, so that a misspelt key fails instead of being ignored.
   """
   path, _, arg = spec.partition(":")
-  if not os.path.isabs(path) and not os.path.isfile(path):
-    path = os.path.join(repo, path)
-  module_spec = importlib.util.spec_from_file_location("notebook_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
   parts = [p for p in (arg, f"stages={stages}" if stages else "",
                        f"steps={steps}" if steps else "", extra_arg) if p]
-  config = module.get_config(",".join(parts))
+  config = config_lib.from_file(f"{path}:{','.join(parts)}", relative_to=repo)
   config.lock()  # from here on an unknown key is an error
   config.subject.dir = subject_dir
   config.subject.class_noun = class_noun
