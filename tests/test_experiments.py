@@ -20,3 +20,24 @@ def test_bench_train_step_quick(stage, devices, capsys):
   (ours_loss, ours_grad), (theirs_loss, theirs_grad) = result["parity"]["ours"], result["parity"]["theirs"]
   np.testing.assert_allclose(ours_loss, theirs_loss, rtol=1e-5)
   np.testing.assert_allclose(ours_grad, theirs_grad, rtol=1e-4)
+
+
+def test_prior_quality_frechet_distance():
+  # The world scripts need the pretrained world cascade to run; their arithmetic does not.
+  import prior_quality
+  rng = np.random.default_rng(0)
+  a = rng.normal(size=(4000, 3))
+  assert prior_quality.frechet(a, rng.normal(size=(4000, 3))) < 0.02
+  shifted = rng.normal(size=(4000, 3)) + np.array([2.0, 0.0, 0.0])
+  assert abs(prior_quality.frechet(a, shifted) - 4.0) < 0.2  # |mean shift|^2, same covariance
+  balls = prior_quality.renders("ball", 3, seed=11)
+  assert balls.shape == (3, 64, 64, 3) and balls.dtype == np.uint8
+
+
+def test_world_ablations_change_only_what_they_name():
+  import world_ablations
+  for name, rows in world_ablations.ABLATIONS.items():
+    assert len(rows) >= 2, name
+    assert len({(arg, tuple(o)) for _, arg, o in rows}) == len(rows), name  # rows differ
+    for _, arg, overrides in rows:
+      assert all(o.startswith("--config.") for o in overrides), (name, overrides)

@@ -1,0 +1,83 @@
+r"""DreamBooth on a subject of the procedural world, with the pretrained tiny world cascade.
+
+The real IF cascade does not fit a CPU, and a random tiny one cannot learn a
+subject. The package ships a tiny cascade pretrained on `dreambooth_jax.world`
+(32 px base, 32 -> 64 px SR, a tiny frozen T5; DeepFloyd IF's published layout
+under dreambooth_jax/assets/world_cascade/, loaded by the same loaders as IF)
+and the photos of the world's six subjects, objects whose looks it never saw:
+
+  python -m dreambooth_jax.train --config=configs/world.py --workdir=workdirs/zigzag_ball
+  python -m dreambooth_jax.sample --workdir=workdirs/zigzag_ball --prompt="a [V] ball in the snow"
+  python -m dreambooth_jax.evaluate --protocol=world --subject=zigzag_ball --workdir=workdirs/zigzag_ball
+
+Arguments after ':' as in configs/imagen_dog.py (`method=`, `stages=`,
+`steps=`, `runlocal`), plus `subject=NAME` (zigzag_ball, star_ball, star_box,
+heart_cup, diamond_ring, wavy_cone). This is configs/imagen_dog.py's `if`
+variant with the world's folders and sizes: nothing else differs, so what a
+world run shows is what the IF path does.
+"""
+
+import pathlib
+
+import ml_collections
+
+from dreambooth_jax import config_lib
+
+ASSETS = pathlib.Path(config_lib.__file__).resolve().parent / "assets"
+WORLD = ASSETS / "world_cascade"
+SUBJECTS = ASSETS / "world_subjects"
+CLASS_NOUNS = dict(zigzag_ball="ball", star_ball="ball", star_box="box", heart_cup="cup",
+                   diamond_ring="ring", wavy_cone="cone")
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, subject="zigzag_ball", method="dreambooth", stages="base+sr256",
+                             steps=-1, runlocal=False)
+  if arg.subject not in CLASS_NOUNS:
+    raise config_lib.ConfigError(f"subject {arg.subject!r}: use one of {', '.join(CLASS_NOUNS)}")
+  if not (WORLD / "IF-I" / "model_index.json").is_file():
+    raise config_lib.ConfigError(
+        f"the pretrained world cascade is not at {WORLD}: pretrain and export it with "
+        f"python experiments/pretrain_world.py --workdir=workdirs/world_pretrain "
+        f"--export={WORLD}")
+  forwarded = f"if,method={arg.method},stages={arg.stages},steps={arg.steps}"
+  # The IF config is the single source of the method's settings; the world config only
+  # points it at other folders and sizes.
+  imagen = pathlib.Path(__file__).with_name("imagen_dog.py")
+  c = config_lib.from_file(f"{imagen}:{forwarded}" + (",runlocal" if arg.runlocal else ""))
+  tiny_runs = arg.runlocal
+
+  c.subject.dir = str(SUBJECTS / arg.subject)
+  c.subject.class_noun = CLASS_NOUNS[arg.subject]
+  c.subject.identifier_id_range = (100, 768)  # the world's tokenizer has 868 pieces
+  c.subject.min_size = 64
+  if arg.method == "textual_inversion":
+    c.learned_token = dict(text=f"<{c.subject.class_noun}*>", init_word=c.subject.class_noun)
+  elif arg.method == "ti_then_finetune":
+    c.learned_token = dict(text="<rare>", init_word="rare")
+
+  c.model.update(dtype="float32", t5_dtype="float32", remat=False)
+  c.pretrained.update(stage_1=str(WORLD / "IF-I"), stage_2=str(WORLD / "IF-II"),
+                      t5=str(WORLD / "IF-I" / "text_encoder"),
+                      tokenizer=str(WORLD / "IF-I" / "tokenizer"))
+
+  # The world cascade was pretrained at 32 and 64 px with guidance dropout 0.1.
+  for name, res, guidance in (("base", 32, 4.0), ("sr256", 64, 4.0)):
+    c.cascade[name].update(resolution=res, guidance_scale=guidance, sampler="dpmpp_2m",
+                           num_steps=2 if tiny_runs else 20)
+
+  c.prior.update(num_images=2 if tiny_runs else 32, batch_size=2 if tiny_runs else 16)
+  steps, lr = dict(dreambooth=(200, 1e-4), textual_inversion=(400, 5e-3),
+                   ti_then_finetune=(200, 5e-5))[arg.method]
+  c.train.update(steps=4 if tiny_runs else (arg.steps if arg.steps > 0 else steps), lr=lr,
+                 optimizer="adamw", batch_size=1, prior_batch_size=1)
+  if arg.method == "ti_then_finetune" and not tiny_runs:
+    c.two_stage.ti_steps = min(100, c.train.steps // 2)
+  every = c.train.steps
+  c.checkpoint.every = every
+  c.log.update(every=1 if tiny_runs else 10, sample_every=every,
+               sample_prompts=("a {identifier} {class_noun} in the snow",
+                               "a {identifier} {class_noun} on the beach",
+                               "a {class_noun}"),
+               num_samples=4)
+  return ml_collections.ConfigDict(c)
