@@ -180,7 +180,7 @@ def averaged(state, init, decay: float):
   The EMA starts at the random init and keeps d^n of it (37% after 1000 steps at
   d = 0.999), which a short CPU run never averages away; without that share it is the
   exact decay-weighted mean of the trained weights (Adam's bias correction). `init` is
-  rebuilt from the seed, so a resumed run needs nothing extra."""
+  the seeded init, so a resumed run rebuilds it and needs nothing extra."""
   n = int(state["step"])
   if n == 0:
     return state["params"]
@@ -242,7 +242,8 @@ def main(argv=None):
                step=jnp.int32(0),
                rng=jax.random.key(args.seed))
   state = jax.device_put(state, replicated)
-  init = jax.device_put(build(args)[1], replicated)  # the EMA's start, taken out of it on use
+  # The EMA's start (the random init), taken out of it on use; a copy, as the state is donated.
+  init = jax.tree.map(jnp.copy, state["params"])
   ckpt = checkpoint_lib.Checkpointer(str(workdir), keep=2)
   if ckpt.latest_step() is not None:
     state = ckpt.restore(ckpt.latest_step(), state)

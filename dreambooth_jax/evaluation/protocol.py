@@ -230,6 +230,34 @@ def row_folder(label: str, used: set[str]) -> str:
   return name
 
 
+def generate_row(workdir: str, out, jobs: Sequence[Job], class_job: Job, subject: str,
+                 class_noun: str, used: set[str], *, shown: Sequence[Job], seed: int,
+                 batch_size: int, mesh, check=None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """One workdir's images of every job, generated (resumably) under `out`, and its grid of
+  `shown` + the class prompt: (the report row's fields but its scores, {job key: images}).
+
+  Every protocol's row: `check(tuned)` may refuse the workdir before anything is
+  generated; `used` holds the row folder names taken so far."""
+  tuned = finetuned.FineTuned.load(workdir)
+  if check is not None:
+    check(tuned)
+  if tuned.class_noun != class_noun:
+    logging.warning("%s was trained on class %r but --subject=%s is a %r; prompts use %r",
+                    workdir, tuned.class_noun, subject, class_noun, class_noun)
+  label = row_label(tuned, workdir)
+  folder_name = row_folder(label, used)
+  folder = utils.as_path(out) / folder_name
+  images, generated = generate_jobs(tuned, folder, list(jobs) + [class_job], seed=seed,
+                                    batch_size=batch_size, mesh=mesh, label=label)
+  stage = tuned.models.cascade.stages[-1].name
+  grids.save_grid(folder / "grid.png", [(tuned.fill(j.template), {stage: images[j.key][:8]})
+                                        for j in list(shown) + [class_job]])
+  return dict(label=label, method=tuned.method, workdir=str(utils.absolute(workdir)),
+              step=int(tuned.step), identifier=tuned.identifier.text, stage=stage,
+              resolution=int(images[jobs[0].key].shape[1]), generated=generated,
+              grid=f"{folder_name}/grid.png"), images
+
+
 def run(workdirs: Sequence[str], dataset: str, subject: str, dino: str, clip: str, lpips: str, *,
         num_images: int | None = None, num_prompts: int | None = None, protocol: str = "benchmark",
         real: bool = False, out: str | None = None, seed: int = 0, num_class_images: int = 16,
@@ -289,27 +317,12 @@ def run(workdirs: Sequence[str], dataset: str, subject: str, dino: str, clip: st
   mesh = sharding.make_mesh() if workdirs else None
   used = set()
   for w in workdirs:
-    tuned = finetuned.FineTuned.load(w)
-    if tuned.class_noun != subj.class_noun:
-      logging.warning("%s was trained on class %r but --subject=%s is a %r; prompts use %r",
-                      w, tuned.class_noun, subj.name, subj.class_noun, subj.class_noun)
-    label = row_label(tuned, w)
-    folder_name = row_folder(label, used)
-    folder = out / folder_name
-    images, generated = generate_jobs(tuned, folder, jobs + [class_job], seed=seed,
-                                      batch_size=batch_size, mesh=mesh, label=label)
+    row, images = generate_row(w, out, jobs, class_job, subj.name, subj.class_noun, used,
+                               shown=jobs[:GRID_PROMPTS], seed=seed, batch_size=batch_size,
+                               mesh=mesh)
     row_metrics, per_prompt = score_generated(enc, jobs, images, images[CLASS_KEY],
                                               real_dino, real_clip)
-    stage = tuned.models.cascade.stages[-1].name
-    grid = folder / "grid.png"
-    shown = jobs[:GRID_PROMPTS] + [class_job]
-    grids.save_grid(grid, [(tuned.fill(j.template), {stage: images[j.key][:8]}) for j in shown])
-    rows.append(dict(label=label, method=tuned.method, workdir=str(utils.absolute(w)),
-                     step=int(tuned.step), identifier=tuned.identifier.text, stage=stage,
-                     resolution=int(images[jobs[0].key].shape[1]), generated=generated,
-                     grid=f"{folder_name}/grid.png", per_prompt=per_prompt,
-                     metrics=row_metrics))
-    del tuned  # one cascade in memory at a time
+    rows.append(dict(row, per_prompt=per_prompt, metrics=row_metrics))
 
   # == Report =======================================================================
   report = dict(settings=settings, prompts=[dataclasses.asdict(j) for j in jobs + [class_job]],

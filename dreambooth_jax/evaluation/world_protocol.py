@@ -39,15 +39,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Sequence
 
-from absl import logging
-
 import numpy as np
 
-from dreambooth_jax import finetuned, grids, sharding, utils
+from dreambooth_jax import grids, sharding, utils
 from dreambooth_jax.evaluation import metrics
 from dreambooth_jax.evaluation.protocol import (CLASS_KEY, CLASS_RNG_INDEX, EvalError, Job,
                                                 check_counts, check_workdirs, format_score,
-                                                generate_jobs, row_folder, row_label)
+                                                generate_row)
 from dreambooth_jax.world import evaluator as evaluator_lib
 from dreambooth_jax.world import scene as scene_lib
 from dreambooth_jax.world import subjects as subjects_lib
@@ -213,30 +211,17 @@ def run(workdirs: Sequence[str], subject: str, *, evaluator: str | None = None,
   # == One row per workdir: generate (resumable), score ============================
   mesh = sharding.make_mesh() if workdirs else None
   used = set()
-  for w in workdirs:
-    tuned = finetuned.FineTuned.load(w)
-    if tuned.class_noun != subj.cls:
-      logging.warning("%s was trained on class %r but --subject=%s is a %r; prompts use %r",
-                      w, tuned.class_noun, subj.name, subj.cls, subj.cls)
-    stage = tuned.models.cascade.stages[-1]
-    resolution = stage.settings.resolution
+  def check(tuned):
+    resolution = tuned.models.cascade.stages[-1].settings.resolution
     if not evaluator_lib.MIN_SIZE <= resolution <= evaluator_lib.MAX_SIZE:
-      raise EvalError(f"--workdir={w}: its last stage draws {resolution} px images; the "
-                      f"world evaluator takes {evaluator_lib.MIN_SIZE} to "
+      raise EvalError(f"--workdir={tuned.workdir}: its last stage draws {resolution} px images; "
+                      f"the world evaluator takes {evaluator_lib.MIN_SIZE} to "
                       f"{evaluator_lib.MAX_SIZE} px")
-    label = row_label(tuned, w)
-    folder_name = row_folder(label, used)
-    folder = out / folder_name
-    images, generated = generate_jobs(tuned, folder, jobs + [class_job], seed=seed,
-                                      batch_size=batch_size, mesh=mesh, label=label)
-    grids.save_grid(folder / "grid.png", [(tuned.fill(j.template), {stage.name: images[j.key][:8]})
-                                          for j in jobs + [class_job]])
-    rows.append(dict(label=label, method=tuned.method, workdir=str(utils.absolute(w)),
-                     step=int(tuned.step), identifier=tuned.identifier.text, stage=stage.name,
-                     resolution=int(images[jobs[0].key].shape[1]), generated=generated,
-                     grid=f"{folder_name}/grid.png",
-                     **score_row(judge, subj, jobs, images, images[CLASS_KEY])))
-    del tuned  # one cascade in memory at a time
+
+  for w in workdirs:
+    row, images = generate_row(w, out, jobs, class_job, subj.name, subj.cls, used, shown=jobs,
+                               seed=seed, batch_size=batch_size, mesh=mesh, check=check)
+    rows.append(dict(row, **score_row(judge, subj, jobs, images, images[CLASS_KEY])))
 
   # == Report =======================================================================
   report = dict(settings=settings, prompts=[dataclasses.asdict(j) for j in jobs + [class_job]],
