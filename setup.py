@@ -47,6 +47,8 @@ setup(
             "pytest-xdist",
             "torch==2.13.0",
             "diffusers>=0.42",
+            # diffusers' load_lora_weights needs peft: the LoRA export is tested through it.
+            "peft>=0.17",
             "protobuf",
             # Notebooks are executed by the tests.
             "nbclient",

@@ -38,7 +38,7 @@ def _stage(resolution, guidance, steps, *, sample_aug=0.25, train_aug=1e-5):
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, variant="tiny", method="dreambooth", stages="base+sr256",
-                             steps=-1, runlocal=False)
+                             steps=-1, lora=0, runlocal=False)
   if arg.variant not in ("tiny", "if"):
     raise config_lib.ConfigError(f"variant {arg.variant!r}: use 'tiny' or 'if'")
   methods = ("dreambooth", "textual_inversion", "ti_then_finetune")
@@ -112,6 +112,12 @@ def get_config(arg=None):
       sr256=_stage(64 if tiny else 256, 4.0, 10 if tiny else 50),
       sr1024=_stage(128 if tiny else 1024, 4.0, 10 if tiny else 50),
   )
+
+  # -- LoRA: low-rank adapters as the only trainable UNet state (rank 0 = full fine-tuning) --
+  # `:lora=16` turns it on; attention projections as diffusers' IF LoRA recipe; the frozen
+  # UNets stored in bfloat16 on real weights. See dreambooth_jax/lora.py.
+  c.lora = dict(rank=arg.lora, alpha=0.0, dropout=0.0, targets="attention",
+                base_dtype="" if tiny else "bfloat16", init_seed=0, merged_export=False)
 
   # -- class-prior preservation (eq. 2) -----------------------------------------
   c.prior = dict(

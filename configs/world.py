@@ -32,7 +32,7 @@ CLASS_NOUNS = dict(zigzag_ball="ball", star_ball="ball", star_box="box", heart_c
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, subject="zigzag_ball", method="dreambooth", stages="base+sr256",
-                             steps=-1, runlocal=False)
+                             steps=-1, lora=0, runlocal=False)
   if arg.subject not in CLASS_NOUNS:
     raise config_lib.ConfigError(f"subject {arg.subject!r}: use one of {', '.join(CLASS_NOUNS)}")
   if not (WORLD / "IF-I" / "model_index.json").is_file():
@@ -40,7 +40,7 @@ def get_config(arg=None):
         f"the pretrained world cascade is not at {WORLD}: pretrain and export it with "
         f"python experiments/pretrain_world.py --workdir=workdirs/world_pretrain "
         f"--export={WORLD}")
-  forwarded = f"if,method={arg.method},stages={arg.stages},steps={arg.steps}"
+  forwarded = f"if,method={arg.method},stages={arg.stages},steps={arg.steps},lora={arg.lora}"
   # The IF config is the single source of the method's settings; the world config only
   # points it at other folders and sizes.
   imagen = pathlib.Path(__file__).with_name("imagen_dog.py")
@@ -57,6 +57,7 @@ def get_config(arg=None):
     c.learned_token = dict(text="<rare>", init_word="rare")
 
   c.model.update(dtype="float32", t5_dtype="float32", remat=False)
+  c.lora.base_dtype = ""  # the tiny frozen UNets stay float32
   c.pretrained.update(stage_1=str(WORLD / "IF-I"), stage_2=str(WORLD / "IF-II"),
                       t5=str(WORLD / "IF-I" / "text_encoder"),
                       tokenizer=str(WORLD / "IF-I" / "tokenizer"))

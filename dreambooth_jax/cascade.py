@@ -33,6 +33,7 @@ from jax.experimental import multihost_utils
 from jax.tree_util import Partial
 
 from dreambooth_jax import diffusion, samplers
+from dreambooth_jax import lora as lora_lib
 from dreambooth_jax.models.unet import UNet
 
 Array = jax.Array
@@ -131,7 +132,8 @@ class Stage:
   # -- the network as a function of (params, x_t, t, cond) ---------------------------------
 
   def apply(self, params, x, t, cond):
-    model = nnx.merge(self.graphdef, params)
+    # `lora.Adapted` params carry their own graphdef: this UNet with adapters on it.
+    model = params.module() if isinstance(params, lora_lib.Adapted) else nnx.merge(self.graphdef, params)
     if self.is_sr:
       x = jnp.concatenate([x, cond["lowres"].astype(x.dtype)], axis=-1)
     mask = cond.get("mask") if self.settings.text_mask else None

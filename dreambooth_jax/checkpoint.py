@@ -306,7 +306,7 @@ def export_final(workdir: str, stages: Mapping[str, tuple[Any, Any]], info: Mapp
     export_stage(graphdef, params, export / name, dtype=dtype)
   record = dict(info)
   record.setdefault("stages", list(stages))
-  record["folders"] = {name: name for name in stages}
+  record["folders"] = {**record.get("folders", {}), **{name: name for name in stages}}
   utils.write_json(export / EXPORT_INFO, record, indent=2, default=str)
   return str(export)
 

@@ -21,6 +21,7 @@ from dreambooth_jax import checkpoint as checkpoint_lib
 from dreambooth_jax import config_lib, embeddings, methods, pipeline, prompts, sharding
 from dreambooth_jax import state as state_lib
 from dreambooth_jax import identifiers, utils
+from dreambooth_jax import lora as lora_lib
 
 
 def load_config(workdir) -> Any:
@@ -40,11 +41,14 @@ def restore_params(config, models: pipeline.Models, workdir, step: int | None = 
   if step is None:
     raise state_lib.TrainError(f"{str(workdir)!r} has no checkpoint yet; train first")
   stages = {n: models.cascade.by_name[n] for n in models.tuned}
-  ps = state_lib.setup(config, stages, state_lib.checkpoint_phase(config, ckpt, step), models.mesh,
-                       models.rules, num_tokens=len(models.tokenizer.learned_tokens),
-                       token_width=models.t5_width)
+  phase = state_lib.checkpoint_phase(config, ckpt, step)
+  if phase.train_unets:
+    stages = lora_lib.wrap(config, stages)
+  ps = state_lib.setup(config, stages, phase, models.mesh, models.rules,
+                       num_tokens=len(models.tokenizer.learned_tokens), token_width=models.t5_width)
   state = state_lib.restore_state(ckpt, step, ps.abstract, ps.shardings)
-  return {**state.get("fixed", {}), **state["params"]}, step
+  # LoRA adapters are bound to their stage's frozen weights: params the cascade samples with.
+  return {**state.get("fixed", {}), **lora_lib.bind_all(stages, state["params"])}, step
 
 
 @dataclasses.dataclass
@@ -54,7 +58,7 @@ class FineTuned:
   config: Any
   models: pipeline.Models
   identifier: identifiers.Identifier
-  params: Mapping[str, Any]   # tuned stages' params at `step`
+  params: Mapping[str, Any]   # tuned stages' params at `step` (LoRA: `lora.Adapted`)
   step: int
   learned_rows: np.ndarray | None = None  # [K, d_model] rows of learned tokens, if any
 

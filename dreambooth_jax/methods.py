@@ -232,13 +232,17 @@ def make_train_step(stages: Mapping[str, cascade_lib.Stage], tx: optax.GradientT
   and donation of `state`.
 
   `stages`: the stages whose loss is summed (their UNets in `state["params"]` when
-  they learn, else in `frozen`). `frozen` may hold "t5" (params of the
+  they learn, else in `frozen`; a `lora.LoRAStage` learns adapters in `params` on
+  its frozen weights in `frozen`). `frozen` may hold "t5" (params of the
   `t5_graphdef` encoder) for phases that learn token rows; the instance text
   in `batch` is then token ids ({"input_ids", "mask"}) encoded inside the step.
   `batch` leaves have a leading micro-batch axis (gradient accumulation).
   """
   def loss_fn(params, fixed, frozen, micro, rng):
     every = {**frozen, **fixed, **params}
+    for name, stage in stages.items():  # LoRA: the learned adapters on the frozen weights
+      if name in params and name in frozen and hasattr(stage, "bind"):
+        every[name] = stage.bind(frozen[name], params[name], jax.random.fold_in(rng, 7919))
     text = micro["text"]
     if TOKENS in params:  # gradients flow through the frozen T5 into the rows only
       inst = text["instance"]

@@ -30,6 +30,7 @@ from flax import nnx
 
 from dreambooth_jax import cascade as cascade_lib
 from dreambooth_jax import config_lib, embeddings, sharding, utils
+from dreambooth_jax import lora as lora_lib
 from dreambooth_jax.models import t5 as t5_lib
 from dreambooth_jax.models.layers import KeyGen, random_init
 from dreambooth_jax.models.unet import UNetConfig, abstract_unet
@@ -168,7 +169,7 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = No
   checked = check_pretrained_folders(config)
   mesh = mesh if mesh is not None else sharding.make_mesh()
   rules = rules_of(config)
-  dtype, param_dtype = _dtype(config.model.dtype), _dtype(config.model.param_dtype)
+  dtype, param_dtype = _dtype(config.model.dtype), unet_param_dtype(config)
   tiny = config.model.kind == "tiny"
   text_mask = bool(config.model.get("unet_text_mask", False))
   stages, prints = [], []
@@ -188,6 +189,8 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = No
       sched = cascade_lib.scheduler_config_for(folder, SCHEDULERS[name])
       prints.append(_folder_fingerprint(folder))
     prints.append(f"text_mask={text_mask}")
+    if param_dtype != _dtype(config.model.param_dtype):  # LoRA's frozen UNets in another dtype
+      prints.append(f"param_dtype={param_dtype}")
     stages.append(stage(config, name, cfg, scheduler=sched, lowres_from=names[i - 1] if i else None,
                         load_params=load))
   tokenizer = make_tokenizer(config)
@@ -213,13 +216,20 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = No
                 width, mesh, rules)
 
 
+def unet_param_dtype(config):
+  """What the UNets are stored in: `config.model.param_dtype`, or with LoRA (every UNet
+  frozen) `config.lora.base_dtype` when set."""
+  s = lora_lib.settings(config)  # validates config.lora before anything is built
+  return _dtype((s.base_dtype if s else "") or config.model.param_dtype)
+
+
 def stage(config, name: str, unet_config: UNetConfig, *, scheduler, lowres_from: str | None = None,
           load_params=None) -> cascade_lib.Stage:
   """Stage `name` of a config on an abstract UNet (nothing allocated): its settings, its
   scheduler, and `load_params` to load its weights on first use. `lowres_from` names
   the stage an SR stage upsamples."""
   m, s = config.model, config.cascade[name]
-  abstract = abstract_unet(unet_config, dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype),
+  abstract = abstract_unet(unet_config, dtype=_dtype(m.dtype), param_dtype=unet_param_dtype(config),
                            remat=m.remat)
   settings = cascade_lib.StageSettings(
       resolution=s.resolution, guidance_scale=s.guidance_scale, num_steps=s.num_steps,

@@ -34,6 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dreambooth_jax import checkpoint as checkpoint_lib
 from dreambooth_jax import config_lib, data, embeddings, grids, methods, metrics_writer
+from dreambooth_jax import lora as lora_lib
 from dreambooth_jax import pipeline, priors
 from dreambooth_jax import prompts as prompts_lib
 from dreambooth_jax import sharding, state as state_lib, utils
@@ -116,14 +117,16 @@ def run(config, workdir):
                                      async_save=config.checkpoint.async_save)
   t5 = models.load_t5() if methods.uses_learned_tokens(config) else None  # TI backprops through it
   stages = {n: models.cascade.by_name[n] for n in tuned}
-  setup = lambda phase: state_lib.setup(config, stages, phase, mesh, rules,
-                                        num_tokens=len(tok.learned_tokens), token_width=models.t5_width)
+  adapted = lora_lib.wrap(config, stages)  # LoRA: adapters learn on the frozen UNets
+  setup = lambda phase: state_lib.setup(config, adapted if phase.train_unets else stages, phase, mesh,
+                                        rules, num_tokens=len(tok.learned_tokens),
+                                        token_width=models.t5_width)
   start = ckpt.latest_step()
   if start is not None:
     ps = setup(state_lib.checkpoint_phase(config, ckpt, start))
     if ps.phase.train_unets:
-      for stage in stages.values():
-        stage.release()  # the checkpoint holds them; no pretrained copy beside it
+      for stage in ps.stages.values():
+        stage.release()  # the checkpoint holds them; no pretrained copy (LoRA keeps its base)
     state = state_lib.restore_state(ckpt, start, ps.abstract, ps.shardings)
     print(f"resumed from {workdir} at step {start} ({ps.phase.name})", flush=True)
   else:
@@ -131,7 +134,7 @@ def run(config, workdir):
     rows = (methods.initial_token_rows(t5, tok, [config.learned_token.init_word or
                                                  config.subject.class_noun])
             if t5 is not None else None)
-    state = state_lib.initial_state(stages, ps.tx, ps.phase, ps.shardings, rows=rows, step=0,
+    state = state_lib.initial_state(ps.stages, ps.tx, ps.phase, ps.shardings, rows=rows, step=0,
                                     rng=jax.random.key(config.seed))
 
   # == The step of a phase, its batches, its sample grids (closures) ===================
@@ -142,8 +145,11 @@ def run(config, workdir):
     """The jitted step and what it reads but never learns: UNets the phase keeps fixed,
     and T5 while token rows learn, placed by the rules (already there: no copy)."""
     frozen, graphdef = {}, None
-    if not ps.phase.train_unets:
-      frozen.update({n: s.params for n, s in ps.stages.items()})
+    for n, s in ps.stages.items():
+      if not ps.phase.train_unets:
+        frozen[n] = s.params
+      elif isinstance(s, lora_lib.LoRAStage):
+        frozen[n] = s.base_params  # what the adapters are added to
     if ps.phase.train_tokens:
       graphdef, frozen["t5"] = nnx.split(t5)
     frozen_sh = {k: sharding.param_shardings(v, mesh, rules) for k, v in frozen.items()}
@@ -191,11 +197,12 @@ def run(config, workdir):
     out["text"] = jax.tree.map(lambda x: put(replicated, x), text)
     return out
 
-  def write_samples(state, step: int):
+  def write_samples(ps: state_lib.PhaseSetup, state, step: int):
     """Every preview prompt x log.num_samples, sampled in batches shaped exactly as the
     class-prior batches (same size, same mesh): the cascade's sampling programs, compiled
     for the priors, are reused instead of compiled again for the grid."""
-    params = {name: p for name, p in state["params"].items() if name != methods.TOKENS}
+    params = lora_lib.bind_all(ps.stages, {name: p for name, p in state["params"].items()
+                                           if name != methods.TOKENS})
     rows = state_lib.learned_rows(state)
     table_now = dict(table)
     uses = [p for p in previews if learned(p)]
@@ -226,7 +233,7 @@ def run(config, workdir):
       continue  # a checkpoint at this phase's end: the next phase starts from it
     if not state_lib.is_phase(state, phase):  # entering the next phase
       ps = setup(phase)
-      state = state_lib.initial_state(stages, ps.tx, phase, ps.shardings,
+      state = state_lib.initial_state(ps.stages, ps.tx, phase, ps.shardings,
                                       rows=state_lib.learned_rows(state), step=int(state["step"]),
                                       rng=state["rng"])
       print(f"phase {phase.name}: steps {phase.start + 1}-{phase.end}", flush=True)
@@ -257,7 +264,7 @@ def run(config, workdir):
       if done % config.checkpoint.every == 0 or done == phase.end:
         ckpt.save(done, state, dict(step=done, identifier=identifier.text, phase=phase.name))
       if config.log.sample_every and (done % config.log.sample_every == 0 or done == t.steps):
-        write_samples(state, done)
+        write_samples(ps, state, done)
   progress.close()
   ckpt.wait()
 
@@ -270,10 +277,20 @@ def run(config, workdir):
                 stages=list(tuned), prompt_preprocessing=tok.preprocess,
                 unet_text_mask=bool(config.model.unet_text_mask), steps=int(state["step"]),
                 config=json.loads(config_lib.to_json(config)))
-    unets = {n: (stages[n].graphdef, params[n]) for n in tuned if n in params}
+    lora_stages = {n: s for n, s in ps.stages.items() if isinstance(s, lora_lib.LoRAStage)}
+    unets = {n: (stages[n].graphdef, params[n]) for n in tuned if n in params and n not in lora_stages}
     if rows is not None:
       info["learned_tokens"] = {identifier.text: identifier.pieces[0] if identifier.pieces else ""}
+    if lora_stages:  # adapters in export/<stage>/, merged UNets in export/<stage>_merged/
+      info["lora"] = {n: lora_lib.describe(s) for n, s in lora_stages.items()}
+      info["folders"] = {n: n for n in lora_stages}
+      info["merged_folders"] = {n: f"{n}_merged" for n, s in lora_stages.items() if s.lora.merged_export}
     export = checkpoint_lib.export_final(workdir, unets, info)
+    for n, s in lora_stages.items():
+      lora_lib.export_stage(s, params[n], utils.as_path(export) / n)
+      if s.lora.merged_export:  # full UNet folders, for users without peft
+        checkpoint_lib.export_stage(stages[n].graphdef, lora_lib.merged_params(s, s.base_params, params[n]),
+                                    utils.as_path(export) / f"{n}_merged")
     if rows is not None:
       checkpoint_lib.export_token_rows(export, tok.learned_tokens, np.asarray(jax.device_get(rows)))
   writer.close()

@@ -50,9 +50,19 @@ import re
 import sys
 import time
 
-SLICES = {"v4-8": 4, "v4-32": 16}  # chips per slice (each chip is one JAX device)
-HBM_GIB = 32.0
-PEAK_FLOPS = 275e12  # TPUv4 bf16 dense peak per chip
+# name: (JAX devices, memory per device in GiB, bf16 dense peak FLOP/s per device). TPU
+# v2/v3 expose each of a chip's two cores as a device (v2-8: 8 devices of 8 GiB, Colab's
+# TPU); v4 and v5e one device per chip. A GPU is one device of its memory: gpu-80 an
+# A100/H100 80 GB (priced as an A100), gpu-40 an A100 40 GB, gpu-24 an L4/A10G/RTX 4090.
+TOPOLOGIES = {
+    "v4-8": (4, 32.0, 275e12), "v4-32": (16, 32.0, 275e12),
+    "v5e-1": (1, 16.0, 197e12), "v5e-8": (8, 16.0, 197e12),
+    "v2-8": (8, 8.0, 22.5e12), "v3-8": (8, 16.0, 61.5e12),
+    "gpu-80": (1, 80.0, 312e12), "gpu-40": (1, 40.0, 312e12), "gpu-24": (1, 24.0, 121e12),
+}
+SLICES = {name: t[0] for name, t in TOPOLOGIES.items()}
+HBM_GIB = 32.0      # of the chosen topology; set in parse_args
+PEAK_FLOPS = 275e12
 GIB = 1024 ** 3
 MODELS = ("if-i-xl", "if-ii-l", "both", "t5")
 STAGE_OF = {"if-i-xl": ("base",), "if-ii-l": ("sr256",), "both": ("base", "sr256")}
@@ -64,7 +74,12 @@ def parse_args(argv=None):
   p.add_argument("--model", choices=MODELS, default="both",
                  help="if-i-xl (base, 64 px), if-ii-l (sr256, 256 px), both (tuned together), t5")
   p.add_argument("--what", default="train", help="comma list of train, encode, sample")
-  p.add_argument("--mesh", choices=tuple(SLICES), default="v4-8")
+  p.add_argument("--topology", "--mesh", dest="mesh", choices=tuple(TOPOLOGIES), default="v4-8",
+                 help="devices, memory and peak FLOP/s: " + ", ".join(TOPOLOGIES))
+  p.add_argument("--lora", type=int, default=0,
+                 help="LoRA rank (0 = full fine-tuning); the frozen UNets are stored in "
+                      "config.lora.base_dtype (bfloat16 for `if`)")
+  p.add_argument("--lora_targets", default="attention", help="config.lora.targets")
   p.add_argument("--layout", default="fsdp",
                  help="fsdp (all chips on fsdp, the config default), data (all on data: "
                       "replicated params), or explicit 'data=1,fsdp=2,tensor=2'")
@@ -104,6 +119,8 @@ def parse_args(argv=None):
     args.what = ("encode",)
   if args.devices is None:
     args.devices = 4 if args.tiny else SLICES[args.mesh]
+  global HBM_GIB, PEAK_FLOPS
+  _, HBM_GIB, PEAK_FLOPS = TOPOLOGIES[args.mesh]
   return args
 
 
@@ -129,7 +146,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from configs import imagen_dog  # noqa: E402
 from dreambooth_jax import cascade as cascade_lib  # noqa: E402
-from dreambooth_jax import embeddings, methods, pipeline, samplers, sharding  # noqa: E402
+from dreambooth_jax import embeddings, lora, methods, pipeline, samplers, sharding  # noqa: E402
 from dreambooth_jax import state as state_lib  # noqa: E402
 from dreambooth_jax.models import t5 as t5_lib  # noqa: E402
 from dreambooth_jax.models import unet as unet_lib  # noqa: E402
@@ -157,6 +174,7 @@ def make_config(args):
   config.train.batch_size, config.train.prior_batch_size = args.batch, args.prior_batch
   config.train.optimizer = args.optimizer or config.train.optimizer
   config.stages = "+".join(STAGE_OF.get(args.model, ("base",)))
+  config.lora.rank, config.lora.targets = args.lora, args.lora_targets
   return config
 
 
@@ -229,21 +247,26 @@ def lower_train(args, config, mesh, rules):
   """The trainer's jitted step on the trainer's abstract state and batch layout
   (`state.setup`, `state.batch_layout`: the functions `train.run` uses)."""
   width = text_width(args, config)
-  stages = {n: abstract_stage(args, config, n) for n in STAGE_OF[args.model]}
+  stages = lora.wrap(config, {n: abstract_stage(args, config, n) for n in STAGE_OF[args.model]})
   ps = state_lib.setup(config, stages, methods.phases(config)[0], mesh, rules, num_tokens=0,
                        token_width=width)
+  # LoRA: the frozen UNets are the step's third argument, as `train.run` passes them.
+  frozen = {n: s.stage.abstract_params for n, s in stages.items() if isinstance(s, lora.LoRAStage)}
+  frozen_sh = {n: sharding.param_shardings(p, mesh, rules) for n, p in frozen.items()}
   t = config.train
   batch, batch_sh = state_lib.batch_layout(
       mesh, {n: s.settings.resolution for n, s in stages.items()}, batch_size=t.batch_size,
       prior_batch_size=t.prior_batch_size, grad_accum=t.grad_accum, text_width=width)
   step = jax.jit(methods.make_train_step(stages, ps.tx, config.prior.weight),
-                 in_shardings=(ps.shardings, batch_sh), out_shardings=(ps.shardings, None),
+                 in_shardings=(ps.shardings, batch_sh, frozen_sh), out_shardings=(ps.shardings, None),
                  donate_argnums=(0,))
   state = state_lib.with_shardings(ps.abstract, ps.shardings)
   split = state_lib.batch_split(mesh, t.batch_size, t.prior_batch_size)
-  desc = (f"{'+'.join(stages)} train {t.batch_size}+{t.prior_batch_size} img "
+  how = f"LoRA r={config.lora.rank}" if frozen else "train"
+  desc = (f"{'+'.join(stages)} {how} {t.batch_size}+{t.prior_batch_size} img "
           f"({'batch split' if split else 'batch replicated'})")
-  return step.lower(state, with_sharding(batch, batch_sh)), state["params"], desc
+  lowered = step.lower(state, with_sharding(batch, batch_sh), with_sharding(frozen, frozen_sh))
+  return lowered, state["params"], desc
 
 
 def lower_encode(args, config, mesh, rules):
@@ -360,7 +383,8 @@ def analyse(kind, lowered, params, desc, args, mesh, config) -> dict:
       param_bytes_per_device=int(p_bytes), state_bytes_per_device=int(arg0_bytes),
       argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
       alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
-      peak_bytes_per_device=int(peak), fits=bool(peak < HBM_GIB * GIB),
+      peak_bytes_per_device=int(peak), fits=bool(peak < HBM_GIB * GIB), hbm_gib=HBM_GIB,
+      lora_rank=int(config.lora.rank),
       flops_per_device=flops_dev, flops_unpartitioned=flops_global,
       flops_per_step_total=flops_dev * n_dev, mfu=args.mfu, step_s=step_s,
       run_s=step_s * args.steps, run_steps=args.steps, compile_s=compile_s,
@@ -384,7 +408,7 @@ def format_row(r: dict) -> str:
           f"{r['params'] / 1e9:6.3f}B params {gib(r['param_bytes_per_device'])} GiB/dev | "
           f"peak {gib(r['peak_bytes_per_device'])} GiB/dev "
           f"(arg {r['argument_bytes'] / GIB:.2f} temp {r['temp_bytes'] / GIB:.2f}) "
-          f"{'FITS' if r['fits'] else 'DOES NOT FIT'} 32 GiB | "
+          f"{'FITS' if r['fits'] else 'DOES NOT FIT'} {r['hbm_gib']:.0f} GiB | "
           f"{r['flops_per_device'] / 1e12:8.2f} TFLOP/dev/step "
           f"({r['flops_unpartitioned'] / 1e12:.2f} unpartitioned) | "
           f"{r['step_s'] * 1e3:8.1f} ms/step @ {r['mfu']:.0%} MFU{extra} | "
@@ -430,10 +454,13 @@ def run_phases(args, config, mesh, rules, compiled: dict) -> list[dict]:
   unet_bytes = {n: resident_bytes(s.abstract_params, mesh, rules) for n, s in stages.items()}
   total_unet = sum(unet_bytes.values())
   tuned = set(STAGE_OF[args.model])
-  frozen = sum(b for n, b in unet_bytes.items() if n not in tuned)
+  adapted = lora.wrap(config, stages)
+  uses_lora = lora.enabled(config)
+  # Resident beside the train state: frozen stages; with LoRA every UNet (the adapters' base).
+  frozen = total_unet if uses_lora else sum(b for n, b in unet_bytes.items() if n not in tuned)
   state_bytes = compiled["train"]["state_bytes_per_device"] if "train" in compiled else None
   params_host = sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
-                    for n, s in stages.items() if n in tuned for x in jax.tree.leaves(s.abstract_params))
+                    for n, s in adapted.items() if n in tuned for x in jax.tree.leaves(s.abstract_params))
   rows = [dict(phase="load", peak=total_unet, host=0,
                note=f"UNets {', '.join(f'{n} {b / GIB:.2f}' for n, b in unet_bytes.items())} GiB/dev")]
   if "encode" in compiled:
@@ -443,13 +470,17 @@ def run_phases(args, config, mesh, rules, compiled: dict) -> list[dict]:
     rows.append(dict(phase="sample", peak=compiled["sample"]["peak_bytes_per_device"], host=0,
                      note="every stage's weights + one guided call"))
   if "train" in compiled:
-    train_peak = compiled["train"]["peak_bytes_per_device"] + frozen
+    # With LoRA the frozen UNets are arguments of the compiled step: already in its peak.
+    outside = 0 if uses_lora else frozen
+    train_peak = compiled["train"]["peak_bytes_per_device"] + outside
     rows.append(dict(phase="train", peak=train_peak, host=0,
-                     note="step (state donated)" + (" + frozen stages" if frozen else "")))
+                     note="step (state donated)" + (" + frozen UNets (arguments)" if uses_lora else
+                                                    " + frozen stages" if frozen else "")))
     rows.append(dict(phase="checkpoint", peak=state_bytes + frozen, host=state_bytes * mesh.devices.size,
                      note="state copied to host by the async save"))
     rows.append(dict(phase="export", peak=state_bytes + frozen, host=2 * params_host,
-                     note="tuned params on host + their diffusers tensors"))
+                     note=("adapters on host + their peft tensors" if uses_lora else
+                           "tuned params on host + their diffusers tensors")))
   return rows
 
 
@@ -486,7 +517,8 @@ def main(argv=None) -> list[dict]:
   if len(jax.devices()) < args.devices:
     raise SystemExit(f"need {args.devices} devices, have {len(jax.devices())}: run as a script "
                      "(it sets --xla_force_host_platform_device_count) or set XLA_FLAGS")
-  print(f"# TPUv4 plan: {HBM_GIB:.0f} GiB HBM, {PEAK_FLOPS / 1e12:.0f} TFLOP/s bf16 per chip; "
+  print(f"# {args.mesh} plan: {args.devices} devices of {HBM_GIB:.0f} GiB, {PEAK_FLOPS / 1e12:.0f} "
+        f"TFLOP/s bf16 each; "
         f"memory and FLOPs per device (XLA:CPU SPMD, partitioned module); time at "
         f"{args.mfu:.0%} MFU", flush=True)
   rows = plan(args)

@@ -59,3 +59,27 @@ def test_train_plan_param_bytes_match_the_arithmetic(capsys):
   print(f"largest all-reduce {row['largest_reduction']} elements, largest param "
         f"{row['largest_param']}")
   assert 0 < row["largest_reduction"] <= row["largest_param"]
+
+
+def test_lora_plan_holds_adapters_in_the_state_and_the_base_as_an_argument():
+  """LoRA's step compiled as the trainer runs it: the state (adapters + Adam) is a small
+  fraction of the full state, the frozen UNet is an argument (in the peak), and the
+  one-device topologies plan on one device of their own memory."""
+  rows = {}
+  for rank in (0, 4):
+    args = plan_tpu.parse_args(["--tiny", "--model=if-i-xl", "--what=train", f"--lora={rank}",
+                                "--topology=gpu-24", "--devices=1", "--no-phases"])
+    config = plan_tpu.make_config(args)
+    mesh = sharding.make_mesh(plan_tpu.mesh_shape("fsdp"), devices=jax.devices()[:1])
+    rules = plan_tpu.pipeline.rules_of(config)
+    lowered, params, desc = plan_tpu.lower("train", args, config, mesh, rules)
+    rows[rank] = plan_tpu.analyse("train", lowered, params, desc, args, mesh, config)
+    print(plan_tpu.format_row(rows[rank]))
+  full, lora = rows[0], rows[4]
+  assert lora["lora_rank"] == 4 and lora["hbm_gib"] == 24.0 and "LoRA r=4" in lora["desc"]
+  assert lora["params"] < 0.2 * full["params"]
+  assert lora["state_bytes_per_device"] < 0.2 * full["state_bytes_per_device"]
+  # The frozen UNet (float32 here) is an argument of the LoRA step.
+  assert lora["argument_bytes"] >= 4 * full["params"]
+  phases = plan_tpu.run_phases(args, config, mesh, rules, {"train": lora})
+  assert [r["phase"] for r in phases] == ["load", "train", "checkpoint", "export"]

@@ -117,10 +117,12 @@ class Dense(nnx.Module):
 
   def __call__(self, x):
     dtype = self.dtype or x.dtype
-    y = jnp.dot(_cast(x, dtype), _cast(self.kernel[...], dtype))
+    x = _cast(x, dtype)
+    y = jnp.dot(x, _cast(self.kernel[...], dtype))
     if self.bias is not None:
       y = y + _cast(self.bias[...], dtype)
-    return y
+    lora = getattr(self, "lora", None)  # set by `dreambooth_jax.lora.inject`
+    return y if lora is None else y + lora(x, dtype)
 
 
 class Conv(nnx.Module):
@@ -140,14 +142,48 @@ class Conv(nnx.Module):
 
   def __call__(self, x):
     dtype = self.dtype or x.dtype
-    p = self.padding
-    y = jax.lax.conv_general_dilated(
-        _cast(x, dtype), _cast(self.kernel[...], dtype),
-        window_strides=(self.stride, self.stride), padding=((p, p), (p, p)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    x = _cast(x, dtype)
+    y = _conv(x, _cast(self.kernel[...], dtype), self.stride, self.padding)
     if self.bias is not None:
       y = y + _cast(self.bias[...], dtype)
-    return y
+    lora = getattr(self, "lora", None)  # set by `dreambooth_jax.lora.inject`
+    return y if lora is None else y + lora(x, dtype)
+
+
+def _conv(x, kernel, stride: int, padding: int):
+  return jax.lax.conv_general_dilated(
+      x, kernel, window_strides=(stride, stride), padding=((padding, padding), (padding, padding)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+class LoRA(nnx.Module):
+  """The low-rank update a frozen Dense or Conv adds to its output: scale * B(A(x)).
+
+  Hu et al.'s LoRA in the forward form (as peft computes it): the update is two thin
+  matmuls on the activations, so training never forms the frozen layer's full weight
+  gradient, only A's and B's. Dense: A [in, r], B [r, out]. Conv: A is a [kh, kw, in,
+  r] convolution with the layer's stride and padding and B a 1x1 [r, out] one (peft's
+  Conv2d LoRA). B starts at zero, so an adapted model starts as the frozen one. Both
+  are `nnx.LoRAParam`, which `nnx.split(model, nnx.LoRAParam, ...)` separates from the
+  frozen weights. Dropout on the input (peft's lora_dropout) runs only when a key is
+  set on the module, which `lora.Adapted` does inside a train step.
+  """
+
+  def __init__(self, a, b, a_axes: Axes, b_axes: Axes, *, scale: float, dropout: float = 0.0,
+               conv: tuple[int, int] | None = None):
+    self.a = nnx.LoRAParam(a, axes=tuple(a_axes))
+    self.b = nnx.LoRAParam(b, axes=tuple(b_axes))
+    self.scale, self.dropout = float(scale), float(dropout)
+    self.conv = conv  # (stride, padding) of the adapted Conv; None for a Dense
+
+  def __call__(self, x, dtype):
+    key = getattr(self, "dropout_key", None)
+    if self.dropout and key is not None:
+      keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
+      x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
+    a, b = _cast(self.a[...], dtype), _cast(self.b[...], dtype)
+    h = jnp.dot(x, a) if self.conv is None else _conv(x, a, *self.conv)
+    return jnp.dot(h, b) * jnp.asarray(self.scale, h.dtype)
 
 
 class GroupNorm(nnx.Module):

@@ -1,0 +1,287 @@
+"""LoRA fine-tuning: low-rank adapters are the only trainable UNet state.
+
+`config.lora` (off while rank is 0):
+
+  rank           r of every adapter; 0 = full fine-tuning
+  alpha          the update is scaled by alpha / rank (0 = rank: scale 1, as diffusers'
+                 IF LoRA DreamBooth script)
+  dropout        on the adapters' input while training (peft's lora_dropout)
+  targets        'attention' (diffusers' IF recipe: to_q, to_k, to_v, to_out.0, add_k_proj,
+                 add_v_proj), 'attention+resnets' (also every ResNet's conv1 and conv2),
+                 or a regex over module paths such as 'mid_block/attentions/0/to_q'
+  base_dtype     '' = config.model.param_dtype; 'bfloat16' stores the frozen UNets in half
+                 the memory (they get no updates, so no precision is lost to rounding)
+  init_seed      A's initial values (B starts at zero)
+  merged_export  also export full diffusers UNet folders with the adapters merged in
+
+A tuned stage becomes a `LoRAStage`: the same UNet with `layers.LoRA` modules on
+the target layers. Its `params` are the adapters only (what the train state,
+optimiser and checkpoints hold: megabytes); the pretrained weights stay in
+the frozen `Stage` and enter the step as its `frozen` argument. The two meet
+in an `Adapted` pytree, which `Stage.apply` runs like plain params, so the
+loss, the samplers and the cascade need no LoRA code of their own.
+
+Export (`export_stage`): `<export>/<stage>/pytorch_lora_weights.safetensors` in
+the peft format that diffusers' `IFPipeline.load_lora_weights(dir)` and
+`IFSuperResolutionPipeline.load_lora_weights(dir)` read ("unet.<module>.lora_A
+.weight" [r, in], "lora_B.weight" [out, r]); alpha / rank is folded into B, so
+the file loads at diffusers' default scale of 1 with the same outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import zlib
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dreambooth_jax import config_lib, utils
+from dreambooth_jax.models.layers import Conv, Dense, LoRA
+from dreambooth_jax.weights.safetensors_io import save_file
+
+WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' load_lora_weights looks for
+_ATTENTION = r"to_q|to_k|to_v|to_out/0|add_k_proj|add_v_proj"
+TARGETS = {
+    "attention": rf"(^|/)({_ATTENTION})$",
+    "attention+resnets": rf"(^|/)({_ATTENTION}|conv1|conv2)$",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRASettings:
+  rank: int
+  alpha: float
+  dropout: float
+  targets: str       # the regex (a preset name resolved)
+  base_dtype: str
+  init_seed: int
+  merged_export: bool
+
+  @property
+  def scale(self) -> float:
+    return (self.alpha or self.rank) / self.rank
+
+
+def enabled(config) -> bool:
+  lora = config.get("lora")
+  return bool(lora) and int(lora.get("rank", 0)) > 0
+
+
+def settings(config) -> LoRASettings | None:
+  """The validated `config.lora`, or None when LoRA is off; ConfigError names the key."""
+  if not enabled(config):
+    if config.get("lora") and int(config.lora.get("rank", 0)) < 0:
+      raise config_lib.ConfigError(f"config.lora.rank={config.lora.rank}: use 0 (off) or a rank >= 1")
+    return None
+  c = config.lora
+  if not 0.0 <= float(c.dropout) < 1.0:
+    raise config_lib.ConfigError(f"config.lora.dropout={c.dropout}: use a rate in [0, 1)")
+  if float(c.alpha) < 0:
+    raise config_lib.ConfigError(f"config.lora.alpha={c.alpha}: use 0 (= rank) or a positive scale")
+  pattern = TARGETS.get(c.targets, c.targets)
+  try:
+    re.compile(pattern)
+  except re.error as e:
+    raise config_lib.ConfigError(f"config.lora.targets={c.targets!r} is neither a preset "
+                                 f"({', '.join(TARGETS)}) nor a valid regex: {e}") from e
+  if c.base_dtype not in ("", "float32", "bfloat16", "float16"):
+    raise config_lib.ConfigError(f"config.lora.base_dtype={c.base_dtype!r}: use '', float32 or "
+                                 "bfloat16")
+  return LoRASettings(int(c.rank), float(c.alpha), float(c.dropout), pattern, c.base_dtype,
+                      int(c.init_seed), bool(c.merged_export))
+
+
+def module_path(path) -> str:
+  return "/".join(str(k) for k in path)
+
+
+def _key_path(path) -> str:
+  """A pytree key path of an nnx.State leaf as 'down_blocks/0/resnets/0/conv1/kernel'."""
+  keys = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path]
+  return module_path(keys[:-1] if keys and keys[-1] == "value" else keys)
+
+
+def inject(module: nnx.Module, s: LoRASettings) -> list[str]:
+  """Puts an abstract `layers.LoRA` on every Dense/Conv of `module` whose path matches
+  `s.targets`, in place; returns the adapted paths ('down_blocks/1/attentions/0/to_q')."""
+  regex = re.compile(s.targets)
+  found = [(module_path(p), m) for p, m in nnx.iter_graph(module)
+           if isinstance(m, (Dense, Conv)) and regex.search(module_path(p))]
+  for _, layer in found:
+    kernel = layer.kernel
+    shape, (ax_in, ax_out) = kernel.get_value().shape, kernel.get_metadata()["axes"][-2:]
+    f32 = jnp.float32  # adapters learn in float32 whatever the frozen weights are stored in
+    if isinstance(layer, Conv):
+      kh, kw, cin, cout = shape
+      a = jax.ShapeDtypeStruct((kh, kw, cin, s.rank), f32)
+      a_axes, conv = (None, None, ax_in, None), (layer.stride, layer.padding)
+    else:
+      cin, cout = shape
+      a, a_axes, conv = jax.ShapeDtypeStruct((cin, s.rank), f32), (ax_in, None), None
+    b = jax.ShapeDtypeStruct((s.rank, cout), f32)
+    layer.lora = LoRA(a, b, a_axes, (None, ax_out), scale=s.scale, dropout=s.dropout, conv=conv)
+  return [p for p, _ in found]
+
+
+def initial_adapters(abstract, seed: int):
+  """A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (peft's kaiming-uniform with a=sqrt(5)), B = 0;
+  drawn on the host per path, so every process and every resume gets the same."""
+  def one(path, x):
+    name = _key_path(path)
+    if name.endswith("/b"):
+      return np.zeros(x.shape, x.dtype)
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    bound = 1.0 / np.sqrt(int(np.prod(x.shape[:-1])))
+    return rng.uniform(-bound, bound, x.shape).astype(x.dtype)
+  return jax.tree_util.tree_map_with_path(one, abstract)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Adapted:
+  """Frozen weights + adapters (+ a dropout key while training): params `Stage.apply` runs."""
+  base: Any
+  adapters: Any
+  rng: Any = None
+  graphdef: Any = dataclasses.field(default=None, metadata=dict(static=True))
+
+  def module(self) -> nnx.Module:
+    model = nnx.merge(self.graphdef, self.base, self.adapters)
+    if self.rng is not None:
+      loras = [m for _, m in nnx.iter_graph(model) if isinstance(m, LoRA)]
+      for i, m in enumerate(loras):  # a plain attribute of this traced, throwaway module
+        object.__setattr__(m, "dropout_key", jax.random.fold_in(self.rng, i))
+    return model
+
+
+class LoRAStage:
+  """A cascade stage trained through adapters; quacks like `cascade.Stage` for the train
+  state and the step (`params` are the adapters, `release` keeps the frozen weights)."""
+
+  def __init__(self, stage, s: LoRASettings):
+    self.stage, self.lora = stage, s
+    module = nnx.merge(stage.graphdef, stage.abstract_params)
+    self.targets = inject(module, s)
+    if not self.targets:
+      raise config_lib.ConfigError(
+          f"config.lora.targets={s.targets!r} matches no Dense or Conv of stage {stage.name!r}; "
+          f"use a preset ({', '.join(TARGETS)}) or a regex over paths such as "
+          "'mid_block/attentions/0/to_q'")
+    self.graphdef, adapters, _ = nnx.split(module, nnx.LoRAParam, ...)
+    self.abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), adapters)
+    self._initial = None
+
+  def __getattr__(self, name):  # settings, schedules, is_sr, ... are the frozen stage's
+    if name == "stage":
+      raise AttributeError(name)
+    return getattr(self.stage, name)
+
+  @property
+  def params(self):
+    """The adapters a run starts from."""
+    if self._initial is None:
+      self._initial = jax.tree.map(jnp.asarray, initial_adapters(self.abstract_params,
+                                                                 self.lora.init_seed))
+    return self._initial
+
+  @property
+  def base_params(self):
+    """The frozen pretrained weights (loaded on first use, kept: every step reads them)."""
+    return self.stage.params
+
+  def release(self) -> None:
+    self._initial = None  # the frozen weights stay: the step needs them
+
+  def bind(self, base, adapters, rng=None) -> Adapted:
+    return Adapted(base, adapters, rng, self.graphdef)
+
+  def loss(self, params, *args, **kw):
+    return self.stage.loss(params, *args, **kw)
+
+  def num_adapter_params(self) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract_params))
+
+
+def wrap(config, stages: Mapping[str, Any]) -> dict[str, Any]:
+  """{name: LoRAStage} for a LoRA config, else `stages` unchanged."""
+  s = settings(config)
+  if s is None:
+    return dict(stages)
+  return {n: LoRAStage(st, s) for n, st in stages.items()}
+
+
+def bind_all(stages: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
+  """Sampling params: learned adapters bound to their stage's frozen weights."""
+  return {n: (stages[n].bind(stages[n].base_params, p) if isinstance(stages.get(n), LoRAStage)
+              else p) for n, p in params.items()}
+
+
+# == Merging and export ==========================================================
+
+
+def _flat(state) -> dict[str, Any]:
+  return {module_path(p): v.get_value() if isinstance(v, nnx.Variable) else v
+          for p, v in nnx.to_flat_state(state)}
+
+
+def deltas(stage: LoRAStage, adapters) -> dict[str, np.ndarray]:
+  """{kernel path: scale * A B} in the kernel's layout ([in, out] or [kh, kw, in, out])."""
+  flat = {k: np.asarray(v, np.float32) for k, v in _flat(adapters).items()}
+  out = {}
+  for target in stage.targets:
+    a, b = flat[f"{target}/lora/a"], flat[f"{target}/lora/b"]
+    out[f"{target}/kernel"] = stage.lora.scale * np.tensordot(a, b, axes=([a.ndim - 1], [0]))
+  return out
+
+
+def merged_params(stage: LoRAStage, base, adapters):
+  """The frozen weights with the adapters merged in: plain params of the frozen stage's
+  graphdef (host numpy, the base's dtype); for the merged export."""
+  d = deltas(stage, adapters)
+  def one(path, v):
+    name = _key_path(path)
+    x = np.asarray(v)
+    return (x.astype(np.float32) + d[name]).astype(x.dtype) if name in d else x
+  return jax.tree_util.tree_map_with_path(one, jax.device_get(base))
+
+
+def diffusers_lora_tensors(stage: LoRAStage, adapters, prefix: str = "unet") -> dict[str, np.ndarray]:
+  """The adapters as diffusers/peft tensors: '<prefix>.<module>.lora_A.weight' [r, in] (Conv:
+  [r, in, kh, kw]) and 'lora_B.weight' [out, r] (Conv: [out, r, 1, 1]), scale folded into B."""
+  flat = {k: np.asarray(v, np.float32) for k, v in _flat(adapters).items()}
+  out = {}
+  for target in stage.targets:
+    a, b = flat[f"{target}/lora/a"], stage.lora.scale * flat[f"{target}/lora/b"]
+    name = f"{prefix}.{target.replace('/', '.')}"
+    if a.ndim == 4:  # [kh, kw, in, r] -> [r, in, kh, kw]; B [r, out] -> [out, r, 1, 1]
+      out[f"{name}.lora_A.weight"] = np.ascontiguousarray(a.transpose(3, 2, 0, 1))
+      out[f"{name}.lora_B.weight"] = np.ascontiguousarray(b.T[:, :, None, None])
+    else:
+      out[f"{name}.lora_A.weight"] = np.ascontiguousarray(a.T)
+      out[f"{name}.lora_B.weight"] = np.ascontiguousarray(b.T)
+  return out
+
+
+def export_stage(stage: LoRAStage, adapters, folder, dtype=None) -> str:
+  """Writes `folder/pytorch_lora_weights.safetensors` for `load_lora_weights(folder)`."""
+  folder = utils.as_path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  tensors = diffusers_lora_tensors(stage, adapters)
+  if dtype is not None:
+    tensors = {k: v.astype(dtype) for k, v in tensors.items()}
+  path = folder / WEIGHTS_NAME
+  save_file(tensors, path, metadata={"format": "pt"})
+  return str(path)
+
+
+def describe(stage: LoRAStage) -> dict:
+  """JSON-able: what the adapters of a stage are (for export/dreambooth.json)."""
+  s = stage.lora
+  return dict(rank=s.rank, alpha=s.alpha or s.rank, scale=s.scale, dropout=s.dropout,
+              targets=s.targets, modules=len(stage.targets), params=stage.num_adapter_params(),
+              file=WEIGHTS_NAME, scale_folded_into_lora_B=True)
