@@ -151,7 +151,11 @@ class Adapted:
   graphdef: Any = dataclasses.field(default=None, metadata=dict(static=True))
 
   def module(self) -> nnx.Module:
-    model = nnx.merge(self.graphdef, self.base, self.adapters)
+    # Fresh Variables at the current trace level: the frozen base arrives as an argument of
+    # an outer trace (the jitted step, outside its grad), and lifted transforms (nnx.remat)
+    # refuse to update Variables of another trace.
+    base, adapters = jax.tree.map(lambda x: x, (self.base, self.adapters))
+    model = nnx.merge(self.graphdef, base, adapters)
     if self.rng is not None:
       loras = [m for _, m in nnx.iter_graph(model) if isinstance(m, LoRA)]
       for i, m in enumerate(loras):  # a plain attribute of this traced, throwaway module

@@ -21,8 +21,8 @@ from train_helpers import tiny_config
 pytestmark = pytest.mark.xdist_group("workdirs")
 
 
-def _stage_and_inputs(targets="attention+resnets", rank=3, **lora_kw):
-  config = tiny_config(f"tiny,runlocal,lora={rank}", **{"lora.targets": targets,
+def _stage_and_inputs(targets="attention+resnets", rank=3, remat=False, **lora_kw):
+  config = tiny_config(f"tiny,runlocal,lora={rank}", **{"lora.targets": targets, "model.remat": remat,
                                                         **{f"lora.{k}": v for k, v in lora_kw.items()}})
   # One device: these check math, not sharding (eager ops over 8 fake devices are slow).
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
@@ -62,7 +62,9 @@ def test_adapters_start_as_the_frozen_model_and_equal_merged_weights():
 
 
 def test_gradients_reach_only_the_adapters_and_dropout_needs_a_key():
-  ls, x, t, cond = _stage_and_inputs(targets="attention", dropout=0.5)
+  # With remat, as the `if` config trains: nnx.remat must accept the frozen base, which
+  # comes from outside the traced loss (as the step's `frozen` argument does).
+  ls, x, t, cond = _stage_and_inputs(targets="attention", dropout=0.5, remat=True)
   base, adapters = ls.base_params, _random_adapters(ls)
 
   def loss(adapters, rng):
