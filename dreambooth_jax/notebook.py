@@ -141,7 +141,8 @@ def load_config(spec: str, extra_arg: str = "", *, repo: str, subject_dir: str, 
   if pretrained_dir:
     if config.model.kind == "tiny":
       raise ValueError(f"PRETRAINED_DIR is set but CONFIG={spec!r} is the tiny variant: "
-                       "use 'configs/imagen_dog.py:if'")
+                       "use 'configs/imagen_dog.py:if' (full fine-tuning, a v4-8) or "
+                       "'configs/imagen_dog.py:if,lora=16' (LoRA: one 16 GB chip, a v2-8)")
     stage_1 = os.path.join(pretrained_dir, if_stage_1)
     config.pretrained.stage_1 = stage_1
     config.pretrained.stage_2 = os.path.join(pretrained_dir, if_stage_2)

@@ -143,7 +143,7 @@ def test_exported_stage_runs_the_same_in_ifpipeline(if_repos, tmp_path, monkeypa
   _compare(ours, theirs, "fine-tuned, exported")
 
 
-@pytest.mark.xdist_group("if_finetune")
+@pytest.mark.xdist_group("if_lora")
 def test_exported_lora_loads_into_if_pipelines(if_repos, tmp_path, monkeypatch):
   """LoRA on both stages (attention and ResNet convs) on the IF repositories; diffusers'
   own `load_lora_weights` puts our exported adapters into IFPipeline and

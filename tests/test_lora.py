@@ -18,7 +18,8 @@ from dreambooth_jax import checkpoint, config_lib, lora, methods, pipeline, shar
 from dreambooth_jax import train as train_lib
 from train_helpers import tiny_config
 
-pytestmark = pytest.mark.xdist_group("workdirs")
+# Its own group: the LoRA run is trained once, beside (not after) the other workdirs.
+pytestmark = pytest.mark.xdist_group("lora")
 
 
 def _stage_and_inputs(targets="attention+resnets", rank=3, remat=False, **lora_kw):
