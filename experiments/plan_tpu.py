@@ -80,6 +80,8 @@ def parse_args(argv=None):
                  help="LoRA rank (0 = full fine-tuning); the frozen UNets are stored in "
                       "config.lora.base_dtype (bfloat16 for `if`)")
   p.add_argument("--lora_targets", default="attention", help="config.lora.targets")
+  p.add_argument("--lora_base_dtype", default=None, help="config.lora.base_dtype (default: the "
+                 "config's, bfloat16)")
   p.add_argument("--layout", default="fsdp",
                  help="fsdp (all chips on fsdp, the config default), data (all on data: "
                       "replicated params), or explicit 'data=1,fsdp=2,tensor=2'")
@@ -175,6 +177,8 @@ def make_config(args):
   config.train.optimizer = args.optimizer or config.train.optimizer
   config.stages = "+".join(STAGE_OF.get(args.model, ("base",)))
   config.lora.rank, config.lora.targets = args.lora, args.lora_targets
+  if args.lora_base_dtype is not None:
+    config.lora.base_dtype = args.lora_base_dtype
   return config
 
 

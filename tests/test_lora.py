@@ -113,7 +113,9 @@ def test_bad_lora_settings_are_named(key, value, match):
 
 
 def _lora_run_config():
-  return tiny_config("tiny,runlocal,lora=4", **{
+  # The base stage only: base and SR tuned together through adapters are covered by the
+  # IF-pipeline round trip (test_if_pipelines.py).
+  return tiny_config("tiny,runlocal,stages=base,lora=4", **{
       "lora.targets": "attention+resnets", "lora.dropout": 0.1, "lora.merged_export": True,
       "train.lr": 1e-2, "checkpoint.every": 1, "checkpoint.keep": 10,
       "checkpoint.async_save": False, "log.sample_every": 0})
@@ -121,7 +123,7 @@ def _lora_run_config():
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
-  """Tiny DreamBooth with priors, base and SR tuned through rank-4 adapters (convs too),
+  """Tiny DreamBooth with priors, the base tuned through rank-4 adapters (convs too),
   dropout on, a checkpoint every step: (workdir, final state)."""
   workdir = str(tmp_path_factory.mktemp("lora"))
   return workdir, train_lib.run(_lora_run_config(), workdir)
@@ -129,7 +131,7 @@ def lora_run(tmp_path_factory):
 
 def test_lora_run_learns_adapters_only(lora_run):
   workdir, state = lora_run
-  assert set(state["params"]) == {"base", "sr256"}
+  assert set(state["params"]) == {"base"}
   for name, params in state["params"].items():
     paths = [p for p, _ in nnx.to_flat_state(params)]
     assert paths and all(p[-2] == "lora" and p[-1] in ("a", "b") for p in paths), name
@@ -139,13 +141,13 @@ def test_lora_run_learns_adapters_only(lora_run):
   ckpt = checkpoint.Checkpointer(workdir, async_save=False)
   stored = ckpt.restore(4)
   n_adapter = sum(x.size for x in jax.tree.leaves(stored["params"]))
-  n_unet = sum(x.size for s in pipeline.build(tiny_config()).cascade.stages if s.name != "sr1024"
-               for x in jax.tree.leaves(s.abstract_params))
+  n_unet = sum(x.size for x in jax.tree.leaves(
+      pipeline.build(tiny_config()).cascade.by_name["base"].abstract_params))
   print(f"\nLoRA checkpoint: {n_adapter} adapter params vs {n_unet} UNet params")
   assert n_adapter < 0.25 * n_unet
   info = json.load(open(os.path.join(workdir, "export", "dreambooth.json")))
-  assert info["lora"]["base"]["rank"] == 4 and info["folders"] == {"base": "base", "sr256": "sr256"}
-  for name in ("base", "sr256"):
+  assert info["lora"]["base"]["rank"] == 4 and info["folders"] == {"base": "base"}
+  for name in ("base",):
     assert os.path.isfile(os.path.join(workdir, "export", name, lora.WEIGHTS_NAME))
     assert os.path.isfile(os.path.join(workdir, "export", f"{name}_merged", "config.json"))
 
@@ -161,17 +163,23 @@ def test_lora_resume_is_bitwise(lora_run, tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_sample_cli_reads_a_lora_workdir(lora_run, tmp_path):
-  from conftest import run_cli
+def test_sample_reads_a_lora_workdir(lora_run):
+  """What the sample CLI, evaluate and the notebooks open (`FineTuned.load`): the adapters
+  bound to the frozen base, which sample differently from the base alone."""
+  from dreambooth_jax import finetuned
   workdir, _ = lora_run
-  out = tmp_path / "grid.png"
-  run_cli("dreambooth_jax.sample", f"--workdir={workdir}", "--prompt=a [V] dog on the beach",
-          "--num=1", f"--out={out}", ok=True)
-  assert out.is_file()
+  tuned = finetuned.FineTuned.load(workdir)
+  assert isinstance(tuned.params["base"], lora.Adapted)
+  rng = jax.random.key(0)
+  ours = tuned.generate("a [V] dog on the beach", 2, rng, upto="base")["base"]
+  base = tuned.models.cascade.sample(tuned.embed(["a [V] dog on the beach"]), rng,
+                                     uncond_embeddings=tuned.embed([""]), batch_size=2,
+                                     upto="base")["base"]
+  assert ours.shape == (2, 32, 32, 3) and np.abs(ours.astype(int) - base.astype(int)).max() > 0
 
 
 def test_two_stage_method_fine_tunes_adapters_with_fixed_rows(tmp_path):
-  config = tiny_config("tiny,runlocal,method=ti_then_finetune,lora=2",
+  config = tiny_config("tiny,runlocal,method=ti_then_finetune,stages=base,lora=2",
                        **{"checkpoint.async_save": False, "log.sample_every": 0})
   state = train_lib.run(config, str(tmp_path))
   assert methods.TOKENS in state["fixed"] and methods.TOKENS not in state["params"]
