@@ -106,9 +106,11 @@ def _key_path(path) -> str:
   return module_path(keys[:-1] if keys and keys[-1] == "value" else keys)
 
 
-def inject(module: nnx.Module, s: LoRASettings) -> list[str]:
+def inject(module: nnx.Module, s: LoRASettings, subjects: int = 0) -> list[str]:
   """Puts an abstract `layers.LoRA` on every Dense/Conv of `module` whose path matches
-  `s.targets`, in place; returns the adapted paths ('down_blocks/1/attentions/0/to_q')."""
+  `s.targets`, in place; returns the adapted paths ('down_blocks/1/attentions/0/to_q').
+  `subjects` > 0 gives every adapter a leading subject axis (one adapter per subject,
+  logical axis "subjects"), each example routed to its own by `Adapted.subject_ids`."""
   regex = re.compile(s.targets)
   found = [(module_path(p), m) for p, m in nnx.iter_graph(module)
            if isinstance(m, (Dense, Conv)) and regex.search(module_path(p))]
@@ -123,21 +125,30 @@ def inject(module: nnx.Module, s: LoRASettings) -> list[str]:
     else:
       cin, cout = shape
       a, a_axes, conv = jax.ShapeDtypeStruct((cin, s.rank), f32), (ax_in, None), None
-    b = jax.ShapeDtypeStruct((s.rank, cout), f32)
-    layer.lora = LoRA(a, b, a_axes, (None, ax_out), scale=s.scale, dropout=s.dropout, conv=conv)
+    b, b_axes = jax.ShapeDtypeStruct((s.rank, cout), f32), (None, ax_out)
+    if subjects:
+      a = jax.ShapeDtypeStruct((subjects,) + a.shape, f32)
+      b = jax.ShapeDtypeStruct((subjects,) + b.shape, f32)
+      a_axes, b_axes = ("subjects",) + a_axes, ("subjects",) + b_axes
+    layer.lora = LoRA(a, b, a_axes, b_axes, scale=s.scale, dropout=s.dropout, conv=conv)
   return [p for p, _ in found]
 
 
-def initial_adapters(abstract, seed: int):
+def initial_adapters(abstract, seed: int, subjects: int = 0):
   """A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (peft's kaiming-uniform with a=sqrt(5)), B = 0;
-  drawn on the host per path, so every process and every resume gets the same."""
+  drawn on the host per path, so every process and every resume gets the same. With a
+  subject axis every subject starts from the same draw: the start a run of that subject
+  alone would have."""
   def one(path, x):
     name = _key_path(path)
+    shape = x.shape[1:] if subjects else x.shape
     if name.endswith("/b"):
-      return np.zeros(x.shape, x.dtype)
-    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-    bound = 1.0 / np.sqrt(int(np.prod(x.shape[:-1])))
-    return rng.uniform(-bound, bound, x.shape).astype(x.dtype)
+      value = np.zeros(shape, x.dtype)
+    else:
+      rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+      bound = 1.0 / np.sqrt(int(np.prod(shape[:-1])))
+      value = rng.uniform(-bound, bound, shape).astype(x.dtype)
+    return np.broadcast_to(value, x.shape).copy() if subjects else value
   return jax.tree_util.tree_map_with_path(one, abstract)
 
 
@@ -148,6 +159,7 @@ class Adapted:
   base: Any
   adapters: Any
   rng: Any = None
+  subject_ids: Any = None  # [B] int: each example's adapter, for per-subject adapters
   graphdef: Any = dataclasses.field(default=None, metadata=dict(static=True))
 
   def module(self) -> nnx.Module:
@@ -156,10 +168,13 @@ class Adapted:
     # refuse to update Variables of another trace.
     base, adapters = jax.tree.map(lambda x: x, (self.base, self.adapters))
     model = nnx.merge(self.graphdef, base, adapters)
-    if self.rng is not None:
+    if self.rng is not None or self.subject_ids is not None:
       loras = [m for _, m in nnx.iter_graph(model) if isinstance(m, LoRA)]
-      for i, m in enumerate(loras):  # a plain attribute of this traced, throwaway module
-        object.__setattr__(m, "dropout_key", jax.random.fold_in(self.rng, i))
+      for i, m in enumerate(loras):  # plain attributes of this traced, throwaway module
+        if self.rng is not None:
+          object.__setattr__(m, "dropout_key", jax.random.fold_in(self.rng, i))
+        if self.subject_ids is not None:
+          object.__setattr__(m, "subject_ids", self.subject_ids)
     return model
 
 
@@ -167,10 +182,10 @@ class LoRAStage:
   """A cascade stage trained through adapters; quacks like `cascade.Stage` for the train
   state and the step (`params` are the adapters, `release` keeps the frozen weights)."""
 
-  def __init__(self, stage, s: LoRASettings):
-    self.stage, self.lora = stage, s
+  def __init__(self, stage, s: LoRASettings, subjects: int = 0):
+    self.stage, self.lora, self.subjects = stage, s, subjects
     module = nnx.merge(stage.graphdef, stage.abstract_params)
-    self.targets = inject(module, s)
+    self.targets = inject(module, s, subjects)
     if not self.targets:
       raise config_lib.ConfigError(
           f"config.lora.targets={s.targets!r} matches no Dense or Conv of stage {stage.name!r}; "
@@ -189,8 +204,8 @@ class LoRAStage:
   def params(self):
     """The adapters a run starts from."""
     if self._initial is None:
-      self._initial = jax.tree.map(jnp.asarray, initial_adapters(self.abstract_params,
-                                                                 self.lora.init_seed))
+      self._initial = jax.tree.map(jnp.asarray, initial_adapters(
+          self.abstract_params, self.lora.init_seed, self.subjects))
     return self._initial
 
   @property
@@ -201,8 +216,8 @@ class LoRAStage:
   def release(self) -> None:
     self._initial = None  # the frozen weights stay: the step needs them
 
-  def bind(self, base, adapters, rng=None) -> Adapted:
-    return Adapted(base, adapters, rng, self.graphdef)
+  def bind(self, base, adapters, rng=None, subject_ids=None) -> Adapted:
+    return Adapted(base, adapters, rng, subject_ids, self.graphdef)
 
   def loss(self, params, *args, **kw):
     return self.stage.loss(params, *args, **kw)

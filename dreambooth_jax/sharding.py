@@ -34,6 +34,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("norm", None),
     ("relpos_buckets", None),
     ("length", None),
+    ("subjects", "data"),          # per-subject LoRA adapters: subjects over the data axis
 )
 
 
