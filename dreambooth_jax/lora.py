@@ -269,10 +269,16 @@ def merged_params(stage: LoRAStage, base, adapters):
   return jax.tree_util.tree_map_with_path(one, jax.device_get(base))
 
 
-def diffusers_lora_tensors(stage: LoRAStage, adapters, prefix: str = "unet") -> dict[str, np.ndarray]:
+def diffusers_lora_tensors(stage: LoRAStage, adapters, prefix: str = "unet", *,
+                           subject: int | None = None) -> dict[str, np.ndarray]:
   """The adapters as diffusers/peft tensors: '<prefix>.<module>.lora_A.weight' [r, in] (Conv:
-  [r, in, kh, kw]) and 'lora_B.weight' [out, r] (Conv: [out, r, 1, 1]), scale folded into B."""
+  [r, in, kh, kw]) and 'lora_B.weight' [out, r] (Conv: [out, r, 1, 1]), scale folded into B.
+  Per-subject adapters export one `subject` at a time."""
   flat = {k: np.asarray(v, np.float32) for k, v in _flat(adapters).items()}
+  if stage.subjects:
+    if subject is None:
+      raise ValueError(f"stage {stage.name!r} has one adapter per subject: pass subject=")
+    flat = {k: v[subject] for k, v in flat.items()}
   out = {}
   for target in stage.targets:
     a, b = flat[f"{target}/lora/a"], stage.lora.scale * flat[f"{target}/lora/b"]
@@ -286,11 +292,11 @@ def diffusers_lora_tensors(stage: LoRAStage, adapters, prefix: str = "unet") -> 
   return out
 
 
-def export_stage(stage: LoRAStage, adapters, folder, dtype=None) -> str:
+def export_stage(stage: LoRAStage, adapters, folder, dtype=None, *, subject: int | None = None) -> str:
   """Writes `folder/pytorch_lora_weights.safetensors` for `load_lora_weights(folder)`."""
   folder = utils.as_path(folder)
   folder.mkdir(parents=True, exist_ok=True)
-  tensors = diffusers_lora_tensors(stage, adapters)
+  tensors = diffusers_lora_tensors(stage, adapters, subject=subject)
   if dtype is not None:
     tensors = {k: v.astype(dtype) for k, v in tensors.items()}
   path = folder / WEIGHTS_NAME

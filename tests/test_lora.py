@@ -18,8 +18,9 @@ from dreambooth_jax import checkpoint, config_lib, lora, methods, pipeline, shar
 from dreambooth_jax import train as train_lib
 from train_helpers import tiny_config
 
-# Its own group: the LoRA run is trained once, beside (not after) the other workdirs.
-pytestmark = pytest.mark.xdist_group("lora")
+# The tests of the shared LoRA run are one xdist group: it is trained once, on one worker,
+# beside (not after) the other shared workdirs.
+LORA_RUN = pytest.mark.xdist_group("lora")
 
 
 def _stage_and_inputs(targets="attention+resnets", rank=3, remat=False, **lora_kw):
@@ -114,6 +115,12 @@ def test_per_subject_adapters_equal_each_subject_alone():
   out = jax.jit(joint.stage.apply)(joint.bind(base, stacked, subject_ids=ids), doubled["x"],
                                    doubled["t"], doubled["cond"])
   np.testing.assert_allclose(np.asarray(out[:2]), np.asarray(out[2:]), atol=1e-6)
+  # Each subject exports as its own diffusers LoRA file, the one a lone run would write.
+  for i in (0, 1):
+    one, own = lora.diffusers_lora_tensors(joint, stacked, subject=i), lora.diffusers_lora_tensors(ls, alone[i])
+    assert one.keys() == own.keys() and all(np.array_equal(one[k], own[k]) for k in one)
+  with pytest.raises(ValueError, match="subject="):
+    lora.diffusers_lora_tensors(joint, stacked)
 
 
 def test_diffusers_tensor_layout_matches_the_math():
@@ -147,25 +154,30 @@ def test_bad_lora_settings_are_named(key, value, match):
 
 
 def _lora_run_config():
-  # The base stage only: base and SR tuned together through adapters are covered by the
-  # IF-pipeline round trip (test_if_pipelines.py).
-  return tiny_config("tiny,runlocal,stages=base,lora=4", **{
+  # The two-stage method on the base stage: its fine-tune phase trains the adapters with the
+  # learned row fixed. DreamBooth with priors on base and SR together through adapters is
+  # the IF-pipeline round trip (test_if_pipelines.py).
+  return tiny_config("tiny,runlocal,method=ti_then_finetune,stages=base,lora=4", **{
       "lora.targets": "attention+resnets", "lora.dropout": 0.1, "lora.merged_export": True,
       "train.lr": 1e-2, "checkpoint.every": 1, "checkpoint.keep": 10,
       "checkpoint.async_save": False, "log.sample_every": 0})
 
 
-@pytest.fixture(scope="module")
+# Session scope: a module fixture is rebuilt when xdist interleaves other modules' tests.
+@pytest.fixture(scope="session")
 def lora_run(tmp_path_factory):
-  """Tiny DreamBooth with priors, the base tuned through rank-4 adapters (convs too),
-  dropout on, a checkpoint every step: (workdir, final state)."""
+  """Tiny two-stage run (2 textual-inversion steps, then 2 steps of rank-4 adapters on the
+  base, convs too, dropout on), a checkpoint every step: (workdir, final state)."""
   workdir = str(tmp_path_factory.mktemp("lora"))
   return workdir, train_lib.run(_lora_run_config(), workdir)
 
 
+@LORA_RUN
 def test_lora_run_learns_adapters_only(lora_run):
   workdir, state = lora_run
   assert set(state["params"]) == {"base"}
+  assert methods.TOKENS in state["fixed"]  # the row stage 1 learned, kept fixed
+  assert os.path.isfile(os.path.join(workdir, "export", checkpoint.TOKENS_FILE))
   for name, params in state["params"].items():
     paths = [p for p, _ in nnx.to_flat_state(params)]
     assert paths and all(p[-2] == "lora" and p[-1] in ("a", "b") for p in paths), name
@@ -186,17 +198,21 @@ def test_lora_run_learns_adapters_only(lora_run):
     assert os.path.isfile(os.path.join(workdir, "export", f"{name}_merged", "config.json"))
 
 
+@LORA_RUN
 def test_lora_resume_is_bitwise(lora_run, tmp_path):
+  """From the checkpoint at the phase boundary (step 2) into the adapters' phase."""
   workdir, state = lora_run
   copy = tmp_path / "resumed"
   shutil.copytree(workdir, copy)
   for step in ("3", "4"):
     shutil.rmtree(copy / "checkpoints" / step)
   resumed = train_lib.run(_lora_run_config(), str(copy))
-  for a, b in zip(jax.tree.leaves(resumed["params"]), jax.tree.leaves(state["params"])):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for key in ("params", "fixed"):
+    for a, b in zip(jax.tree.leaves(resumed[key]), jax.tree.leaves(state[key])):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@LORA_RUN
 def test_sample_reads_a_lora_workdir(lora_run):
   """What the sample CLI, evaluate and the notebooks open (`FineTuned.load`): the adapters
   bound to the frozen base, which sample differently from the base alone."""
@@ -210,13 +226,3 @@ def test_sample_reads_a_lora_workdir(lora_run):
                                      uncond_embeddings=tuned.embed([""]), batch_size=2,
                                      upto="base")["base"]
   assert ours.shape == (2, 32, 32, 3) and np.abs(ours.astype(int) - base.astype(int)).max() > 0
-
-
-def test_two_stage_method_fine_tunes_adapters_with_fixed_rows(tmp_path):
-  config = tiny_config("tiny,runlocal,method=ti_then_finetune,stages=base,lora=2",
-                       **{"checkpoint.async_save": False, "log.sample_every": 0})
-  state = train_lib.run(config, str(tmp_path))
-  assert methods.TOKENS in state["fixed"] and methods.TOKENS not in state["params"]
-  assert all(p[-2] == "lora" for p, _ in nnx.to_flat_state(state["params"]["base"]))
-  assert os.path.isfile(tmp_path / "export" / checkpoint.TOKENS_FILE)
-  assert os.path.isfile(tmp_path / "export" / "base" / lora.WEIGHTS_NAME)
