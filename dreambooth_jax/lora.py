@@ -304,6 +304,23 @@ def export_stage(stage: LoRAStage, adapters, folder, dtype=None, *, subject: int
   return str(path)
 
 
+def export_all(export_dir, stages: Mapping[str, LoRAStage], adapters: Mapping[str, Any]) -> dict:
+  """Every LoRA stage's peft file in `export_dir/<stage>/` (and, with merged_export, a full
+  UNet folder in `<stage>_merged/`); returns what `export/dreambooth.json` records of them."""
+  from dreambooth_jax import checkpoint  # here, not at the top: cascade imports lora, and
+  # orbax (checkpoint's import) should not load with every model
+  export_dir = utils.as_path(export_dir)
+  merged = {}
+  for n, s in stages.items():
+    export_stage(s, adapters[n], export_dir / n)
+    if s.lora.merged_export:  # full UNet folders, for users without peft
+      merged[n] = f"{n}_merged"
+      checkpoint.export_stage(s.stage.graphdef, merged_params(s, s.base_params, adapters[n]),
+                              export_dir / merged[n])
+  return dict(lora={n: describe(s) for n, s in stages.items()}, folders={n: n for n in stages},
+              merged_folders=merged)
+
+
 def describe(stage: LoRAStage) -> dict:
   """JSON-able: what the adapters of a stage are (for export/dreambooth.json)."""
   s = stage.lora

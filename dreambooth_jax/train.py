@@ -282,15 +282,8 @@ def run(config, workdir):
     if rows is not None:
       info["learned_tokens"] = {identifier.text: identifier.pieces[0] if identifier.pieces else ""}
     if lora_stages:  # adapters in export/<stage>/, merged UNets in export/<stage>_merged/
-      info["lora"] = {n: lora_lib.describe(s) for n, s in lora_stages.items()}
-      info["folders"] = {n: n for n in lora_stages}
-      info["merged_folders"] = {n: f"{n}_merged" for n, s in lora_stages.items() if s.lora.merged_export}
+      info.update(lora_lib.export_all(utils.absolute(workdir) / "export", lora_stages, params))
     export = checkpoint_lib.export_final(workdir, unets, info)
-    for n, s in lora_stages.items():
-      lora_lib.export_stage(s, params[n], utils.as_path(export) / n)
-      if s.lora.merged_export:  # full UNet folders, for users without peft
-        checkpoint_lib.export_stage(stages[n].graphdef, lora_lib.merged_params(s, s.base_params, params[n]),
-                                    utils.as_path(export) / f"{n}_merged")
     if rows is not None:
       checkpoint_lib.export_token_rows(export, tok.learned_tokens, np.asarray(jax.device_get(rows)))
   writer.close()

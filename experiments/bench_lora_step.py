@@ -88,11 +88,11 @@ def main(argv=None) -> dict:
   config.lora.targets = args.targets
   config.train.batch_size, config.train.prior_batch_size = args.batch, args.prior_batch
   mesh = sharding.make_mesh()
-  batch = make_batch(config, pipeline.build(config, mesh), mesh)
-  runs = {}
+  runs, batch = {}, None
   for name, use_lora in (("full", False), ("lora", True)):
     # Each its own (identical, seeded) models: the full step's donated state owns its weights.
     models = pipeline.build(config, mesh)
+    batch = batch if batch is not None else make_batch(config, models, mesh)
     step, state, frozen = build_step(config, models, mesh, use_lora)
     trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
     runs[name] = dict(step=step, state=state, frozen=frozen, trainable=trainable,
