@@ -115,9 +115,11 @@ def get_config(arg=None):
 
   # -- LoRA: low-rank adapters as the only trainable UNet state (rank 0 = full fine-tuning) --
   # `:lora=16` turns it on; attention projections as diffusers' IF LoRA recipe; the frozen
-  # UNets stored in bfloat16 on real weights. See dreambooth_jax/lora.py.
+  # UNets stored in bfloat16 on real weights. `text_encoder` also adapts T5's attention
+  # (q, k, v, o): T5 then stays on the devices while training. See dreambooth_jax/lora.py.
   c.lora = dict(rank=arg.lora, alpha=0.0, dropout=0.0, targets="attention",
-                base_dtype="" if tiny else "bfloat16", init_seed=0, merged_export=False)
+                base_dtype="" if tiny else "bfloat16", init_seed=0, merged_export=False,
+                text_encoder=False)
 
   # -- class-prior preservation (eq. 2) -----------------------------------------
   c.prior = dict(

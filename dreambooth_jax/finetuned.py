@@ -12,10 +12,13 @@ checkpoint's params take their place.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 
 from dreambooth_jax import checkpoint as checkpoint_lib
 from dreambooth_jax import config_lib, embeddings, methods, pipeline, prompts, sharding
@@ -35,20 +38,30 @@ def load_config(workdir) -> Any:
 
 def restore_params(config, models: pipeline.Models, workdir, step: int | None = None):
   """What a workdir checkpoint learned: ({stage: State} and/or {"tokens": rows}, step),
-  restored onto `models.mesh` whatever mesh trained it."""
+  restored onto `models.mesh` whatever mesh trained it. LoRA adapters come bound to
+  their frozen weights (`lora.Adapted`), T5's under "text_encoder" (T5 is loaded)."""
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=False)
   step = ckpt.latest_step() if step is None else step
   if step is None:
     raise state_lib.TrainError(f"{str(workdir)!r} has no checkpoint yet; train first")
   stages = {n: models.cascade.by_name[n] for n in models.tuned}
   phase = state_lib.checkpoint_phase(config, ckpt, step)
+  t5 = text = None
   if phase.train_unets:
     stages = lora_lib.wrap(config, stages)
+    s = lora_lib.settings(config)
+    if s is not None and s.text_encoder:
+      t5 = models.load_t5()
+      text = lora_lib.text_adapters(config, t5)
   ps = state_lib.setup(config, stages, phase, models.mesh, models.rules,
-                       num_tokens=len(models.tokenizer.learned_tokens), token_width=models.t5_width)
+                       num_tokens=len(models.tokenizer.learned_tokens), token_width=models.t5_width,
+                       text=text)
   state = state_lib.restore_state(ckpt, step, ps.abstract, ps.shardings)
   # LoRA adapters are bound to their stage's frozen weights: params the cascade samples with.
-  return {**state.get("fixed", {}), **lora_lib.bind_all(stages, state["params"])}, step
+  params = {**state.get("fixed", {}), **lora_lib.bind_all(stages, state["params"])}
+  if text is not None:
+    params[lora_lib.TEXT] = text.bind(nnx.state(t5), params[lora_lib.TEXT])
+  return params, step
 
 
 @dataclasses.dataclass
@@ -61,6 +74,7 @@ class FineTuned:
   params: Mapping[str, Any]   # tuned stages' params at `step` (LoRA: `lora.Adapted`)
   step: int
   learned_rows: np.ndarray | None = None  # [K, d_model] rows of learned tokens, if any
+  text_encoder: Any = None  # T5 with its LoRA adapters (`lora.Adapted`), if they learned
 
   @classmethod
   def load(cls, workdir, step: int | None = None, mesh=None) -> "FineTuned":
@@ -70,8 +84,9 @@ class FineTuned:
     identifier = prompts.read_identifier(workdir)
     params, step = restore_params(config, models, workdir, step)
     rows = params.pop(methods.TOKENS, None)
+    text = params.pop(lora_lib.TEXT, None)
     return cls(utils.as_path(workdir), config, models, identifier, params, step,
-               None if rows is None else np.asarray(jax.device_get(rows)))
+               None if rows is None else np.asarray(jax.device_get(rows)), text)
 
   @property
   def method(self) -> str:
@@ -94,11 +109,23 @@ class FineTuned:
     plain = [p for p in unique if p not in learned]
     cache = self.workdir / "prompt_embeddings"
     table = {}
+    if self.text_encoder is not None:  # every prompt through the adapted T5, "" included
+      table.update(self.models.encode(unique, cache, rows=self.learned_rows,
+                                      t5=self.text_encoder.module(), salt=self._adapters_digest))
+      return embeddings.stack_embeddings(table, texts)
     if plain:
       table.update(self.models.encode(plain, cache))
     if learned:
       table.update(self.models.encode(learned, cache, rows=self.learned_rows))
     return embeddings.stack_embeddings(table, texts)
+
+  @functools.cached_property
+  def _adapters_digest(self) -> str:
+    """Names T5's adapters in the prompt cache's key: entries of other steps never match."""
+    h = hashlib.sha256()
+    for x in jax.tree.leaves(jax.device_get(self.text_encoder.adapters)):
+      h.update(np.ascontiguousarray(x).tobytes())
+    return h.hexdigest()[:32]
 
   def generate(self, prompt: str, num: int, rng: jax.Array, *, upto: str | None = None,
                mesh=None) -> dict[str, np.ndarray]:

@@ -13,6 +13,9 @@
                  the memory (they get no updates, so no precision is lost to rounding)
   init_seed      A's initial values (B starts at zero)
   merged_export  also export full diffusers UNet folders with the adapters merged in
+  text_encoder   also adapt T5's attention (q, k, v, o of every block, as peft names them);
+                 the prompts are then encoded inside the step, so T5 stays on the devices
+                 while training instead of only while encoding
 
 A tuned stage becomes a `LoRAStage`: the same UNet with `layers.LoRA` modules on
 the target layers. Its `params` are the adapters only (what the train state,
@@ -25,12 +28,16 @@ Export (`export_stage`): `<export>/<stage>/pytorch_lora_weights.safetensors` in
 the peft format that diffusers' `IFPipeline.load_lora_weights(dir)` and
 `IFSuperResolutionPipeline.load_lora_weights(dir)` read ("unet.<module>.lora_A
 .weight" [r, in], "lora_B.weight" [out, r]); alpha / rank is folded into B, so
-the file loads at diffusers' default scale of 1 with the same outputs.
+the file loads at diffusers' default scale of 1 with the same outputs. T5's
+adapters (`LoRAText`) go into the first tuned stage's file as "text_encoder.<module>
+.lora_linear_layer.down/up.weight" (see `export_stage` for why that spelling), where
+`IFPipeline.load_lora_weights` puts them into its T5.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import zlib
 from typing import Any, Mapping
@@ -43,13 +50,17 @@ from flax import nnx
 from dreambooth_jax import config_lib, utils
 from dreambooth_jax.models.layers import Conv, Dense, LoRA
 from dreambooth_jax.weights.safetensors_io import save_file
+from dreambooth_jax.weights.t5 import save_t5_encoder
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' load_lora_weights looks for
+METADATA_KEY = "lora_adapter_metadata"  # diffusers' key for the adapters' LoraConfig
 _ATTENTION = r"to_q|to_k|to_v|to_out/0|add_k_proj|add_v_proj"
 TARGETS = {
     "attention": rf"(^|/)({_ATTENTION})$",
     "attention+resnets": rf"(^|/)({_ATTENTION}|conv1|conv2)$",
 }
+TEXT_TARGETS = r"(^|/)SelfAttention/(q|k|v|o)$"  # T5's attention projections
+TEXT = "text_encoder"  # the key of T5's adapters in the train state's params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +72,7 @@ class LoRASettings:
   base_dtype: str
   init_seed: int
   merged_export: bool
+  text_encoder: bool = False
 
   @property
   def scale(self) -> float:
@@ -92,8 +104,9 @@ def settings(config) -> LoRASettings | None:
   if c.base_dtype not in ("", "float32", "bfloat16", "float16"):
     raise config_lib.ConfigError(f"config.lora.base_dtype={c.base_dtype!r}: use '', float32 or "
                                  "bfloat16")
+  # (.get: workdirs written before the text encoder option have no such key)
   return LoRASettings(int(c.rank), float(c.alpha), float(c.dropout), pattern, c.base_dtype,
-                      int(c.init_seed), bool(c.merged_export))
+                      int(c.init_seed), bool(c.merged_export), bool(c.get("text_encoder", False)))
 
 
 def module_path(path) -> str:
@@ -106,12 +119,14 @@ def _key_path(path) -> str:
   return module_path(keys[:-1] if keys and keys[-1] == "value" else keys)
 
 
-def inject(module: nnx.Module, s: LoRASettings, subjects: int = 0) -> list[str]:
+def inject(module: nnx.Module, s: LoRASettings, subjects: int = 0, targets: str | None = None
+           ) -> list[str]:
   """Puts an abstract `layers.LoRA` on every Dense/Conv of `module` whose path matches
-  `s.targets`, in place; returns the adapted paths ('down_blocks/1/attentions/0/to_q').
-  `subjects` > 0 gives every adapter a leading subject axis (one adapter per subject,
-  logical axis "subjects"), each example routed to its own by `Adapted.subject_ids`."""
-  regex = re.compile(s.targets)
+  `targets` (default `s.targets`), in place; returns the adapted paths
+  ('down_blocks/1/attentions/0/to_q'). `subjects` > 0 gives every adapter a leading
+  subject axis (one adapter per subject, logical axis "subjects"), each example routed
+  to its own by `Adapted.subject_ids`."""
+  regex = re.compile(s.targets if targets is None else targets)
   found = [(module_path(p), m) for p, m in nnx.iter_graph(module)
            if isinstance(m, (Dense, Conv)) and regex.search(module_path(p))]
   for _, layer in found:
@@ -178,27 +193,18 @@ class Adapted:
     return model
 
 
-class LoRAStage:
-  """A cascade stage trained through adapters; quacks like `cascade.Stage` for the train
-  state and the step (`params` are the adapters, `release` keeps the frozen weights)."""
+class _Adapters:
+  """Adapters on a frozen module: the injected graph, the adapted paths, the adapters'
+  abstract shapes, their initial values and `bind`. `abstract` is the frozen module's
+  params (ShapeDtypeStructs suffice: only the structure is read)."""
 
-  def __init__(self, stage, s: LoRASettings, subjects: int = 0):
-    self.stage, self.lora, self.subjects = stage, s, subjects
-    module = nnx.merge(stage.graphdef, stage.abstract_params)
-    self.targets = inject(module, s, subjects)
-    if not self.targets:
-      raise config_lib.ConfigError(
-          f"config.lora.targets={s.targets!r} matches no Dense or Conv of stage {stage.name!r}; "
-          f"use a preset ({', '.join(TARGETS)}) or a regex over paths such as "
-          "'mid_block/attentions/0/to_q'")
+  def __init__(self, graphdef, abstract, s: LoRASettings, subjects: int, targets: str):
+    self.lora, self.subjects, self.pattern = s, subjects, targets
+    module = nnx.merge(graphdef, abstract)
+    self.targets = inject(module, s, subjects, targets)
     self.graphdef, adapters, _ = nnx.split(module, nnx.LoRAParam, ...)
     self.abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), adapters)
     self._initial = None
-
-  def __getattr__(self, name):  # settings, schedules, is_sr, ... are the frozen stage's
-    if name == "stage":
-      raise AttributeError(name)
-    return getattr(self.stage, name)
 
   @property
   def params(self):
@@ -208,22 +214,66 @@ class LoRAStage:
           self.abstract_params, self.lora.init_seed, self.subjects))
     return self._initial
 
-  @property
-  def base_params(self):
-    """The frozen pretrained weights (loaded on first use, kept: every step reads them)."""
-    return self.stage.params
-
   def release(self) -> None:
     self._initial = None  # the frozen weights stay: the step needs them
 
   def bind(self, base, adapters, rng=None, subject_ids=None) -> Adapted:
     return Adapted(base, adapters, rng, subject_ids, self.graphdef)
 
+  def num_adapter_params(self) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract_params))
+
+
+class LoRAStage(_Adapters):
+  """A cascade stage trained through adapters; quacks like `cascade.Stage` for the train
+  state and the step (`params` are the adapters, `release` keeps the frozen weights)."""
+
+  def __init__(self, stage, s: LoRASettings, subjects: int = 0):
+    self.stage = stage
+    super().__init__(stage.graphdef, stage.abstract_params, s, subjects, s.targets)
+    if not self.targets:
+      raise config_lib.ConfigError(
+          f"config.lora.targets={s.targets!r} matches no Dense or Conv of stage {stage.name!r}; "
+          f"use a preset ({', '.join(TARGETS)}) or a regex over paths such as "
+          "'mid_block/attentions/0/to_q'")
+
+  def __getattr__(self, name):  # settings, schedules, is_sr, ... are the frozen stage's
+    if name == "stage":
+      raise AttributeError(name)
+    return getattr(self.stage, name)
+
+  @property
+  def base_params(self):
+    """The frozen pretrained weights (loaded on first use, kept: every step reads them)."""
+    return self.stage.params
+
   def loss(self, params, *args, **kw):
     return self.stage.loss(params, *args, **kw)
 
-  def num_adapter_params(self) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract_params))
+
+class LoRAText(_Adapters):
+  """T5's attention projections trained through adapters (`config.lora.text_encoder`).
+
+  Built from the encoder module (concrete or `nnx.eval_shape`d: only its structure is
+  read); `bind(nnx.state(t5), adapters).module()` is the adapted encoder, which
+  `embeddings.encode_with_learned` runs like T5 itself."""
+
+  name = TEXT
+
+  def __init__(self, t5: nnx.Module, s: LoRASettings):
+    graphdef, state = nnx.split(t5)
+    self.t5_graphdef = graphdef  # the plain encoder's, for the merged export
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    super().__init__(graphdef, abstract, s, 0, TEXT_TARGETS)
+    if not self.targets:
+      raise config_lib.ConfigError("config.lora.text_encoder=True but the text encoder has no "
+                                   "SelfAttention q/k/v/o layers to adapt")
+
+
+def text_adapters(config, t5: nnx.Module | None) -> LoRAText | None:
+  """T5's adapters when `config.lora.text_encoder` is on (and T5 is given), else None."""
+  s = settings(config)
+  return LoRAText(t5, s) if s is not None and s.text_encoder and t5 is not None else None
 
 
 def wrap(config, stages: Mapping[str, Any]) -> dict[str, Any]:
@@ -248,7 +298,7 @@ def _flat(state) -> dict[str, Any]:
           for p, v in nnx.to_flat_state(state)}
 
 
-def deltas(stage: LoRAStage, adapters) -> dict[str, np.ndarray]:
+def deltas(stage: _Adapters, adapters) -> dict[str, np.ndarray]:
   """{kernel path: scale * A B} in the kernel's layout ([in, out] or [kh, kw, in, out])."""
   flat = {k: np.asarray(v, np.float32) for k, v in _flat(adapters).items()}
   out = {}
@@ -258,7 +308,7 @@ def deltas(stage: LoRAStage, adapters) -> dict[str, np.ndarray]:
   return out
 
 
-def merged_params(stage: LoRAStage, base, adapters):
+def merged_params(stage: _Adapters, base, adapters):
   """The frozen weights with the adapters merged in: plain params of the frozen stage's
   graphdef (host numpy, the base's dtype); for the merged export."""
   d = deltas(stage, adapters)
@@ -269,7 +319,7 @@ def merged_params(stage: LoRAStage, base, adapters):
   return jax.tree_util.tree_map_with_path(one, jax.device_get(base))
 
 
-def diffusers_lora_tensors(stage: LoRAStage, adapters, prefix: str = "unet", *,
+def diffusers_lora_tensors(stage: _Adapters, adapters, prefix: str = "unet", *,
                            subject: int | None = None) -> dict[str, np.ndarray]:
   """The adapters as diffusers/peft tensors: '<prefix>.<module>.lora_A.weight' [r, in] (Conv:
   [r, in, kh, kw]) and 'lora_B.weight' [out, r] (Conv: [out, r, 1, 1]), scale folded into B.
@@ -292,38 +342,69 @@ def diffusers_lora_tensors(stage: LoRAStage, adapters, prefix: str = "unet", *,
   return out
 
 
-def export_stage(stage: LoRAStage, adapters, folder, dtype=None, *, subject: int | None = None) -> str:
-  """Writes `folder/pytorch_lora_weights.safetensors` for `load_lora_weights(folder)`."""
+def export_stage(stage: LoRAStage, adapters, folder, dtype=None, *, subject: int | None = None,
+                 text: tuple[LoRAText, Any] | None = None) -> str:
+  """Writes `folder/pytorch_lora_weights.safetensors` for `load_lora_weights(folder)`;
+  `text` (LoRAText, its adapters) adds T5's under "text_encoder.", in the same file."""
   folder = utils.as_path(folder)
   folder.mkdir(parents=True, exist_ok=True)
   tensors = diffusers_lora_tensors(stage, adapters, subject=subject)
+  config = peft_config(stage, "unet")
+  if text is not None:
+    # diffusers (0.42) converts a text encoder's keys through its CLIP-only peft name table,
+    # which knows no T5 names: its own "lora_linear_layer.down/up" spelling is what passes
+    # through to peft unchanged. The ranks come from the metadata (peft's LoraConfig).
+    t5 = diffusers_lora_tensors(text[0], text[1], prefix=TEXT)
+    tensors.update({k.replace(".lora_A.", ".lora_linear_layer.down.")
+                    .replace(".lora_B.", ".lora_linear_layer.up."): v for k, v in t5.items()})
+    config.update(peft_config(text[0], TEXT))
   if dtype is not None:
     tensors = {k: v.astype(dtype) for k, v in tensors.items()}
   path = folder / WEIGHTS_NAME
-  save_file(tensors, path, metadata={"format": "pt"})
+  save_file(tensors, path, metadata={"format": "pt", METADATA_KEY: json.dumps(config, sort_keys=True)})
   return str(path)
 
 
-def export_all(export_dir, stages: Mapping[str, LoRAStage], adapters: Mapping[str, Any]) -> dict:
+def peft_config(stage: _Adapters, prefix: str) -> dict:
+  """peft's LoraConfig of `stage`'s adapters, keys prefixed as diffusers' `save_lora_weights`
+  stores them in the file's metadata (`load_lora_weights` builds the adapters from it).
+  alpha = rank: the scale is already folded into lora_B."""
+  config = dict(r=stage.lora.rank, lora_alpha=stage.lora.rank, lora_dropout=0.0, rank_pattern={},
+                alpha_pattern={}, use_dora=False, lora_bias=False,
+                target_modules=sorted(t.replace("/", ".") for t in stage.targets))
+  return {f"{prefix}.{k}": v for k, v in config.items()}
+
+
+def export_all(export_dir, stages: Mapping[str, LoRAStage], adapters: Mapping[str, Any], *,
+               text: LoRAText | None = None, text_base=None) -> dict:
   """Every LoRA stage's peft file in `export_dir/<stage>/` (and, with merged_export, a full
-  UNet folder in `<stage>_merged/`); returns what `export/dreambooth.json` records of them."""
+  UNet folder in `<stage>_merged/`); returns what `export/dreambooth.json` records of them.
+  T5's adapters (`text`, on `text_base`) join the first stage's file, which IFPipeline
+  (the stage that owns T5) loads; merged, they are a T5 folder `text_encoder_merged/`."""
   from dreambooth_jax import checkpoint  # here, not at the top: cascade imports lora, and
   # orbax (checkpoint's import) should not load with every model
   export_dir = utils.as_path(export_dir)
-  merged = {}
-  for n, s in stages.items():
-    export_stage(s, adapters[n], export_dir / n)
+  merged, info = {}, {}
+  for i, (n, s) in enumerate(stages.items()):
+    with_text = (text, adapters[TEXT]) if text is not None and i == 0 else None
+    export_stage(s, adapters[n], export_dir / n, text=with_text)
     if s.lora.merged_export:  # full UNet folders, for users without peft
       merged[n] = f"{n}_merged"
       checkpoint.export_stage(s.stage.graphdef, merged_params(s, s.base_params, adapters[n]),
                               export_dir / merged[n])
-  return dict(lora={n: describe(s) for n, s in stages.items()}, folders={n: n for n in stages},
+  if text is not None:
+    info["text_encoder_lora"] = dict(describe(text), folder=next(iter(stages)))
+    if text.lora.merged_export:
+      t5 = nnx.merge(text.t5_graphdef, merged_params(text, text_base, adapters[TEXT]))
+      save_t5_encoder(t5, export_dir / "text_encoder_merged")
+      merged[TEXT] = "text_encoder_merged"
+  return dict(info, lora={n: describe(s) for n, s in stages.items()}, folders={n: n for n in stages},
               merged_folders=merged)
 
 
-def describe(stage: LoRAStage) -> dict:
+def describe(stage: _Adapters) -> dict:
   """JSON-able: what the adapters of a stage are (for export/dreambooth.json)."""
   s = stage.lora
   return dict(rank=s.rank, alpha=s.alpha or s.rank, scale=s.scale, dropout=s.dropout,
-              targets=s.targets, modules=len(stage.targets), params=stage.num_adapter_params(),
+              targets=stage.pattern, modules=len(stage.targets), params=stage.num_adapter_params(),
               file=WEIGHTS_NAME, scale_folded_into_lora_B=True)

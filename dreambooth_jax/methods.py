@@ -45,6 +45,7 @@ from flax import nnx
 
 from dreambooth_jax import cascade as cascade_lib
 from dreambooth_jax import config_lib
+from dreambooth_jax import lora as lora_lib
 from dreambooth_jax.embeddings import encode_with_learned
 
 METHODS = ("dreambooth", "textual_inversion", "ti_then_finetune")
@@ -165,8 +166,9 @@ def optimizer(config, params, phase: Phase) -> optax.GradientTransformation:
   names = optimizer_per_group(t.get("optimizer", "adamw"), params)  # old configs: AdamW
   clip = lambda: optax.clip_by_global_norm(t.grad_clip) if t.grad_clip else optax.identity()
   mask = trainable_mask(params, t.trainable)
-  if TOKENS in params:
-    mask[TOKENS] = jax.tree.map(lambda _: True, params[TOKENS])
+  for key in (TOKENS, lora_lib.TEXT):  # token rows and T5's adapters always learn
+    if key in params:
+      mask[key] = jax.tree.map(lambda _: True, params[key])
   used = sorted(set(names.values()))
   if len(used) == 1:
     tx = optax.chain(clip(), _base_optimizer(t, used[0], lr))
@@ -227,7 +229,7 @@ def global_norm(tree) -> jax.Array:
 
 
 def make_train_step(stages: Mapping[str, cascade_lib.Stage], tx: optax.GradientTransformation,
-                    prior_weight: float, *, t5_graphdef=None):
+                    prior_weight: float, *, t5_graphdef=None, text=None):
   """`train_step(state, batch, frozen={}) -> (state, metrics)`, pure; jit it with shardings
   and donation of `state`.
 
@@ -236,19 +238,29 @@ def make_train_step(stages: Mapping[str, cascade_lib.Stage], tx: optax.GradientT
   its frozen weights in `frozen`). `frozen` may hold "t5" (params of the
   `t5_graphdef` encoder) for phases that learn token rows; the instance text
   in `batch` is then token ids ({"input_ids", "mask"}) encoded inside the step.
+  With `text` (a `lora.LoRAText`) T5's adapters learn in `params["text_encoder"]`
+  on `frozen["t5"]`, and the instance and class prompts are token ids, encoded in
+  the step by the adapted T5 (with the token rows, learned or fixed, if any).
   `batch` leaves have a leading micro-batch axis (gradient accumulation).
   """
+  def encoder(params, frozen, rng):
+    if text is not None and lora_lib.TEXT in params:
+      return text.bind(frozen["t5"], params[lora_lib.TEXT], jax.random.fold_in(rng, 104729)).module()
+    return nnx.merge(t5_graphdef, frozen["t5"])  # an argument, not differentiated
+
   def loss_fn(params, fixed, frozen, micro, rng):
     every = {**frozen, **fixed, **params}
     for name, stage in stages.items():  # LoRA: the learned adapters on the frozen weights
       if name in params and name in frozen and hasattr(stage, "bind"):
         every[name] = stage.bind(frozen[name], params[name], jax.random.fold_in(rng, 7919))
-    text = micro["text"]
-    if TOKENS in params:  # gradients flow through the frozen T5 into the rows only
-      inst = text["instance"]
-      t5 = nnx.merge(t5_graphdef, frozen["t5"])  # an argument, not differentiated
-      emb = encode_with_learned(t5, params[TOKENS], inst["input_ids"], inst["mask"])
-      text = dict(text, instance={"text": emb.astype(jnp.float32), "mask": inst["mask"]})
+    text = dict(micro["text"])
+    ids = [k for k, v in text.items() if "input_ids" in v]
+    if ids:  # token ids: through T5 here, so gradients reach the rows or T5's adapters
+      t5 = encoder(params, frozen, rng)
+      rows = params.get(TOKENS, fixed.get(TOKENS))
+      for k in ids:
+        emb = encode_with_learned(t5, rows, text[k]["input_ids"], text[k]["mask"])
+        text[k] = {"text": emb.astype(jnp.float32), "mask": text[k]["mask"]}
     return dreambooth_loss(stages, every, dict(micro, text=text), rng, prior_weight)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)

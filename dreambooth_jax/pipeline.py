@@ -57,11 +57,12 @@ class Models:
   mesh: jax.sharding.Mesh | None = None  # where weights are placed when loaded
   rules: tuple = sharding.DEFAULT_RULES
 
-  def encode(self, prompts, cache_dir, *, rows=None, t5=None) -> dict:
+  def encode(self, prompts, cache_dir, *, rows=None, t5=None, salt: str = "") -> dict:
     """{prompt: PromptEmbedding} through the prompt cache at `cache_dir`: T5 is loaded
     (onto the mesh) only when a prompt is missing, and released right after unless
     the caller passes its own `t5`. `rows` [K, d] embed learned tokens; their digest
-    is part of the cache key, so new rows never read stale entries."""
+    is part of the cache key, so new rows never read stale entries. `salt` names
+    what else makes a given `t5` differ from the config's (LoRA adapters' digest)."""
     cache = embeddings.PromptEmbeddingCache(cache_dir)
     load = (lambda: t5) if t5 is not None else self.load_t5
     encode = lambda ps: embeddings.encode_prompts(load(), self.tokenizer, ps, mesh=self.mesh,
@@ -69,6 +70,8 @@ class Models:
     fingerprint = self.text_fingerprint
     if rows is not None:
       fingerprint = utils.fingerprint([fingerprint, np.asarray(rows).tobytes().hex()])
+    if salt:
+      fingerprint = utils.fingerprint([fingerprint, salt])
     return cache.get_or_compute(prompts, encode, fingerprint)
 
 

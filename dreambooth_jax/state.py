@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from dreambooth_jax import lora as lora_lib
 from dreambooth_jax import methods, sharding, utils
 
 TEXT_LEN = 77  # IF's T5 length: every prompt embedding is [77, d_model]
@@ -47,21 +48,25 @@ class PhaseSetup:
   tx: Any
   abstract: dict
   shardings: dict
+  text: Any = None  # a `lora.LoRAText` whose adapters learn in this phase, if any
 
 
 def abstract_state(stages: Mapping[str, Any], tx_for, phase: methods.Phase, *, num_tokens: int,
-                   token_width: int) -> tuple[Any, dict]:
+                   token_width: int, text=None) -> tuple[Any, dict]:
   """(optimiser, the state of `phase` as ShapeDtypeStructs); nothing is allocated.
 
   `stages` ({name: cascade.Stage}) learn when the phase trains UNets; `num_tokens`
   learned token rows of `token_width` learn in `params` when it trains tokens, and
-  are `fixed` otherwise (none when 0). `tx_for(params)` builds the optimiser for
+  are `fixed` otherwise (none when 0); `text` (a `lora.LoRAText`) adds T5's adapters
+  to what the UNet phases learn. `tx_for(params)` builds the optimiser for
   the abstract params (its masks and labels follow their tree).
   """
   params = {}
   if phase.train_unets:
     params.update({n: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), s.abstract_params)
                    for n, s in stages.items()})
+    if text is not None:
+      params[lora_lib.TEXT] = text.abstract_params
   rows = jax.ShapeDtypeStruct((num_tokens, token_width), jnp.float32)
   if phase.train_tokens:
     params[methods.TOKENS] = rows
@@ -75,11 +80,12 @@ def abstract_state(stages: Mapping[str, Any], tx_for, phase: methods.Phase, *, n
 
 
 def setup(config, stages: Mapping[str, Any], phase: methods.Phase, mesh, rules, *,
-          num_tokens: int, token_width: int) -> PhaseSetup:
+          num_tokens: int, token_width: int, text=None) -> PhaseSetup:
   """`abstract_state` with the config's optimiser, and the state's shardings on `mesh`."""
   tx, abstract = abstract_state(stages, lambda params: methods.optimizer(config, params, phase),
-                                phase, num_tokens=num_tokens, token_width=token_width)
-  return PhaseSetup(phase, dict(stages), tx, abstract, state_shardings(abstract, mesh, rules))
+                                phase, num_tokens=num_tokens, token_width=token_width, text=text)
+  return PhaseSetup(phase, dict(stages), tx, abstract, state_shardings(abstract, mesh, rules),
+                    text if phase.train_unets else None)
 
 
 def checkpoint_phase(config, ckpt, step: int) -> methods.Phase:
@@ -136,7 +142,7 @@ def put_global(x, sharding_: NamedSharding) -> jax.Array:
 
 
 def initial_state(stages: Mapping[str, Any], tx, phase: methods.Phase, shardings: dict, *,
-                  rows=None, step: int = 0, rng) -> dict:
+                  rows=None, step: int = 0, rng, text=None) -> dict:
   """A phase's first state: the stages' own (loaded) weights, `rows` [K, d] for token rows,
   a new optimiser state. The weights become the state itself (already in these
   shardings, so no copy) and each stage lets go of them: the step donates the state,
@@ -146,6 +152,8 @@ def initial_state(stages: Mapping[str, Any], tx, phase: methods.Phase, shardings
     for name, stage in stages.items():
       params[name] = jax.device_put(stage.params, shardings["params"][name])
       stage.release()
+    if text is not None:  # T5's adapters (`lora.LoRAText`)
+      params[lora_lib.TEXT] = jax.device_put(text.params, shardings["params"][lora_lib.TEXT])
   if phase.train_tokens:
     params[methods.TOKENS] = put_global(jax.device_get(rows), shardings["params"][methods.TOKENS])
   state = dict(params=params,

@@ -115,12 +115,16 @@ def run(config, workdir):
   # == State: resume from the workdir, else the built (pretrained / random) params =====
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.checkpoint.keep,
                                      async_save=config.checkpoint.async_save)
-  t5 = models.load_t5() if methods.uses_learned_tokens(config) else None  # TI backprops through it
+  lora_settings = lora_lib.settings(config)
+  text_lora = lora_settings is not None and lora_settings.text_encoder
+  # TI backprops through T5; T5's adapters learn on it: either way it stays loaded.
+  t5 = models.load_t5() if methods.uses_learned_tokens(config) or text_lora else None
   stages = {n: models.cascade.by_name[n] for n in tuned}
   adapted = lora_lib.wrap(config, stages)  # LoRA: adapters learn on the frozen UNets
+  text_adapters = lora_lib.text_adapters(config, t5)  # and on T5's attention, if asked
   setup = lambda phase: state_lib.setup(config, adapted if phase.train_unets else stages, phase, mesh,
                                         rules, num_tokens=len(tok.learned_tokens),
-                                        token_width=models.t5_width)
+                                        token_width=models.t5_width, text=text_adapters)
   start = ckpt.latest_step()
   if start is not None:
     ps = setup(state_lib.checkpoint_phase(config, ckpt, start))
@@ -135,7 +139,7 @@ def run(config, workdir):
                                                  config.subject.class_noun])
             if t5 is not None else None)
     state = state_lib.initial_state(ps.stages, ps.tx, ps.phase, ps.shardings, rows=rows, step=0,
-                                    rng=jax.random.key(config.seed))
+                                    rng=jax.random.key(config.seed), text=ps.text)
 
   # == The step of a phase, its batches, its sample grids (closures) ===================
   replicated = NamedSharding(mesh, P())
@@ -143,27 +147,33 @@ def run(config, workdir):
 
   def compile_step(ps: state_lib.PhaseSetup):
     """The jitted step and what it reads but never learns: UNets the phase keeps fixed,
-    and T5 while token rows learn, placed by the rules (already there: no copy)."""
+    and T5 while token rows or its adapters learn, placed by the rules (already there:
+    no copy)."""
     frozen, graphdef = {}, None
     for n, s in ps.stages.items():
       if not ps.phase.train_unets:
         frozen[n] = s.params
       elif isinstance(s, lora_lib.LoRAStage):
         frozen[n] = s.base_params  # what the adapters are added to
-    if ps.phase.train_tokens:
+    if ps.phase.train_tokens or ps.text is not None:
       graphdef, frozen["t5"] = nnx.split(t5)
     frozen_sh = {k: sharding.param_shardings(v, mesh, rules) for k, v in frozen.items()}
     step_fn = jax.jit(methods.make_train_step(ps.stages, ps.tx, config.prior.weight,
-                                              t5_graphdef=graphdef),
+                                              t5_graphdef=graphdef, text=ps.text),
                       in_shardings=(ps.shardings, None, frozen_sh), out_shardings=(ps.shardings, None),
                       donate_argnums=(0,))
     return step_fn, jax.device_put(frozen, frozen_sh)
 
   def phase_text(ps: state_lib.PhaseSetup, state):
     """The instance and class prompts as the step reads them, with the accumulation axis."""
+    def ids(prompt):
+      t = tok([prompt])
+      return {"input_ids": t["input_ids"], "mask": t["attention_mask"]}
+    if ps.text is not None:  # T5's adapters learn: the step encodes both prompts
+      text = {"instance": ids(instance_prompt), "class": ids(class_prompt)}
+      return jax.tree.map(lambda x: np.broadcast_to(x, (t.grad_accum,) + x.shape), text)
     if ps.phase.train_tokens:  # token ids; the step encodes them with the rows it learns
-      ids = tok([instance_prompt])
-      instance = {"input_ids": ids["input_ids"], "mask": ids["attention_mask"]}
+      instance = ids(instance_prompt)
     elif learned(instance_prompt):  # rows fixed: encode once
       rows = np.asarray(jax.device_get(state_lib.learned_rows(state)))
       instance = embeddings.stack_embeddings(
@@ -202,13 +212,18 @@ def run(config, workdir):
     class-prior batches (same size, same mesh): the cascade's sampling programs, compiled
     for the priors, are reused instead of compiled again for the grid."""
     params = lora_lib.bind_all(ps.stages, {name: p for name, p in state["params"].items()
-                                           if name != methods.TOKENS})
+                                           if name in ps.stages})
     rows = state_lib.learned_rows(state)
-    table_now = dict(table)
+    rows = None if rows is None else np.asarray(jax.device_get(rows))
+    table_now, encoder, uncond_now = dict(table), t5, uncond
     uses = [p for p in previews if learned(p)]
-    if uses:  # the current rows, not cached: they change every step
-      e, m = embeddings.encode_prompts(t5, tok, uses, learned_rows=np.asarray(jax.device_get(rows)))
+    if ps.text is not None:  # T5 learns too: every prompt, "" included, through it now
+      encoder = ps.text.bind(nnx.state(t5), state["params"][lora_lib.TEXT]).module()
+      uses = list(previews) + [""]
+    if uses:  # the current rows / adapters, not cached: they change every step
+      e, m = embeddings.encode_prompts(encoder, tok, uses, learned_rows=rows)
       table_now.update({p: embeddings.PromptEmbedding(e[i], m[i]) for i, p in enumerate(uses)})
+      uncond_now = embeddings.stack_embeddings(table_now, [""])
     n = config.log.num_samples
     wanted = [p for p in previews for _ in range(n)]
     size = config.prior.batch_size if prior_images is not None else len(wanted)
@@ -216,7 +231,7 @@ def run(config, workdir):
     for k, begin in enumerate(range(0, len(wanted), size)):
       chunk = wanted[begin:begin + size]
       cond = embeddings.stack_embeddings(table_now, chunk + [chunk[-1]] * (size - len(chunk)))
-      out = models.cascade.sample(cond, jax.random.key(1234 + k), uncond_embeddings=uncond,
+      out = models.cascade.sample(cond, jax.random.key(1234 + k), uncond_embeddings=uncond_now,
                                   params=params, batch_size=size, mesh=mesh)
       for stage_name, x in out.items():
         images.setdefault(stage_name, []).append(x[:len(chunk)])
@@ -235,7 +250,7 @@ def run(config, workdir):
       ps = setup(phase)
       state = state_lib.initial_state(ps.stages, ps.tx, phase, ps.shardings,
                                       rows=state_lib.learned_rows(state), step=int(state["step"]),
-                                      rng=state["rng"])
+                                      rng=state["rng"], text=ps.text)
       print(f"phase {phase.name}: steps {phase.start + 1}-{phase.end}", flush=True)
     step_fn, frozen = compile_step(ps)
     text = phase_text(ps, state)
@@ -282,7 +297,8 @@ def run(config, workdir):
     if rows is not None:
       info["learned_tokens"] = {identifier.text: identifier.pieces[0] if identifier.pieces else ""}
     if lora_stages:  # adapters in export/<stage>/, merged UNets in export/<stage>_merged/
-      info.update(lora_lib.export_all(utils.absolute(workdir) / "export", lora_stages, params))
+      info.update(lora_lib.export_all(utils.absolute(workdir) / "export", lora_stages, params,
+                                      text=ps.text, text_base=None if t5 is None else nnx.state(t5)))
     export = checkpoint_lib.export_final(workdir, unets, info)
     if rows is not None:
       checkpoint_lib.export_token_rows(export, tok.learned_tokens, np.asarray(jax.device_get(rows)))

@@ -44,12 +44,14 @@ def _feed(monkeypatch, module, draws):
 
 
 def _diffusers_cascade(monkeypatch, stage_1: str, stage_2: str, prompt: str, noise, *,
-                       unet_1=None, lora_dirs=None):
+                       unet_1=None, text_encoder=None, lora_dirs=None):
   """IFPipeline then IFSuperResolutionPipeline, as diffusers' IF docs run them (stage II
   without its own text encoder, given stage I's prompt embeddings), on our noise;
   `lora_dirs` {"base", "sr256"} folders go to each pipeline's `load_lora_weights`."""
   kw = dict(variant="fp16", dtype=torch.float32)
   extra = {} if unet_1 is None else {"unet": unet_1}
+  if text_encoder is not None:
+    extra["text_encoder"] = text_encoder
   pipe_1 = IFPipeline.from_pretrained(stage_1, **kw, **extra)
   pipe_2 = IFSuperResolutionPipeline.from_pretrained(stage_2, text_encoder=None, **kw)
   for name, pipe in (("base", pipe_1), ("sr256", pipe_2)):
@@ -145,35 +147,45 @@ def test_exported_stage_runs_the_same_in_ifpipeline(if_repos, tmp_path, monkeypa
 
 @pytest.mark.xdist_group("if_lora")
 def test_exported_lora_loads_into_if_pipelines(if_repos, tmp_path, monkeypatch):
-  """LoRA on both stages (attention and ResNet convs) on the IF repositories; diffusers'
-  own `load_lora_weights` puts our exported adapters into IFPipeline and
-  IFSuperResolutionPipeline built from the same base, and the cascade matches ours with
-  the same noise. The merged export, as a plain UNet folder, matches too."""
+  """LoRA on both stages (attention and ResNet convs) and on T5's attention, on the IF
+  repositories; diffusers' own `load_lora_weights` puts our exported adapters into
+  IFPipeline (UNet and T5) and IFSuperResolutionPipeline built from the same base, and
+  the cascade matches ours with the same noise. The merged export, as plain UNet and T5
+  folders, matches too."""
+  from transformers import T5EncoderModel
   from dreambooth_jax import finetuned
   from dreambooth_jax import train as train_lib
   workdir = str(tmp_path / "run")
   config = if_config(if_repos, "if,runlocal,lora=4", **{
       "cascade.base.num_steps": STEPS["base"], "cascade.sr256.num_steps": STEPS["sr256"],
       "train.lr": 3e-2, "subject.min_size": 64, "lora.targets": "attention+resnets",
-      "lora.alpha": 8.0, "lora.merged_export": True, "lora.base_dtype": "float32"})
+      "lora.alpha": 8.0, "lora.merged_export": True, "lora.base_dtype": "float32",
+      "lora.text_encoder": True})
   train_lib.run(config, workdir)
   tuned = finetuned.FineTuned.load(workdir)
   prompt = tuned.fill("A [V] DOG on the beach!")
   rng = jax.random.key(5)
-  ours = _ours(tuned.models, prompt, rng, params=tuned.params)
+  t5 = tuned.text_encoder.module()  # T5 with its adapters
+  ours = _ours(tuned.models, prompt, rng, params=tuned.params, t5=t5)
   pretrained = _ours(tuned.models, prompt, rng)
   for stage in ("base", "sr256"):
     moved = float(np.abs(ours[stage] - pretrained[stage]).max())
     print(f"\nLoRA-tuned vs pretrained {stage} samples: max diff {moved:.3f}")
     assert moved > 1e-3  # the adapters changed both models
+  e_tuned = embeddings.encode_prompts(t5, tuned.models.tokenizer, [prompt])[0]
+  e_frozen = embeddings.encode_prompts(tuned.models.load_t5(), tuned.models.tokenizer, [prompt])[0]
+  print(f"T5 with adapters vs frozen: max embedding diff {np.abs(e_tuned - e_frozen).max():.3e}")
+  assert np.abs(e_tuned - e_frozen).max() > 1e-4  # T5's adapters learned something
   noise = tuned.models.cascade.noise(rng, 1, num_steps=STEPS)
   export = f"{workdir}/export"
   theirs = _diffusers_cascade(monkeypatch, if_repos["stage_1"], if_repos["stage_2"], prompt, noise,
                               lora_dirs={"base": f"{export}/base", "sr256": f"{export}/sr256"})
   _compare(ours, theirs, "LoRA adapters via load_lora_weights")
   merged = UNet2DConditionModel.from_pretrained(f"{export}/base_merged", dtype=torch.float32)
+  merged_t5 = T5EncoderModel.from_pretrained(f"{export}/text_encoder_merged", dtype=torch.float32)
   theirs = _diffusers_cascade(monkeypatch, if_repos["stage_1"], if_repos["stage_2"], prompt, noise,
-                              unet_1=merged, lora_dirs={"sr256": f"{export}/sr256"})
+                              unet_1=merged, text_encoder=merged_t5,
+                              lora_dirs={"sr256": f"{export}/sr256"})
   _compare(ours, theirs, "LoRA merged into the base UNet")
 
 

@@ -154,12 +154,12 @@ def test_bad_lora_settings_are_named(key, value, match):
 
 
 def _lora_run_config():
-  # The two-stage method on the base stage: its fine-tune phase trains the adapters with the
-  # learned row fixed. DreamBooth with priors on base and SR together through adapters is
+  # The two-stage method on the base stage: its fine-tune phase trains the adapters (UNet and
+  # T5) with the learned row fixed, through T5 in the step. DreamBooth with priors on base and SR together through adapters is
   # the IF-pipeline round trip (test_if_pipelines.py).
   return tiny_config("tiny,runlocal,method=ti_then_finetune,stages=base,lora=4", **{
       "lora.targets": "attention+resnets", "lora.dropout": 0.1, "lora.merged_export": True,
-      "train.lr": 1e-2, "checkpoint.every": 1, "checkpoint.keep": 10,
+      "lora.text_encoder": True, "train.lr": 1e-2, "checkpoint.every": 1, "checkpoint.keep": 10,
       "checkpoint.async_save": False, "log.sample_every": 0})
 
 
@@ -167,7 +167,8 @@ def _lora_run_config():
 @pytest.fixture(scope="session")
 def lora_run(tmp_path_factory):
   """Tiny two-stage run (2 textual-inversion steps, then 2 steps of rank-4 adapters on the
-  base, convs too, dropout on), a checkpoint every step: (workdir, final state)."""
+  base, convs too, and on T5's attention, dropout on), a checkpoint every step:
+  (workdir, final state)."""
   workdir = str(tmp_path_factory.mktemp("lora"))
   return workdir, train_lib.run(_lora_run_config(), workdir)
 
@@ -175,8 +176,11 @@ def lora_run(tmp_path_factory):
 @LORA_RUN
 def test_lora_run_learns_adapters_only(lora_run):
   workdir, state = lora_run
-  assert set(state["params"]) == {"base"}
+  assert set(state["params"]) == {"base", lora.TEXT}
   assert methods.TOKENS in state["fixed"]  # the row stage 1 learned, kept fixed
+  t5_paths = [lora.module_path(p) for p, _ in nnx.to_flat_state(state["params"][lora.TEXT])]
+  assert len(t5_paths) == 2 * 4 * 2  # a, b of q, k, v, o in each of the tiny T5's 2 blocks
+  assert all("/SelfAttention/" in p for p in t5_paths)
   assert os.path.isfile(os.path.join(workdir, "export", checkpoint.TOKENS_FILE))
   for name, params in state["params"].items():
     paths = [p for p, _ in nnx.to_flat_state(params)]
@@ -193,9 +197,16 @@ def test_lora_run_learns_adapters_only(lora_run):
   assert n_adapter < 0.25 * n_unet
   info = json.load(open(os.path.join(workdir, "export", "dreambooth.json")))
   assert info["lora"]["base"]["rank"] == 4 and info["folders"] == {"base": "base"}
+  assert info["text_encoder_lora"]["folder"] == "base" and info["text_encoder_lora"]["modules"] == 8
   for name in ("base",):
     assert os.path.isfile(os.path.join(workdir, "export", name, lora.WEIGHTS_NAME))
     assert os.path.isfile(os.path.join(workdir, "export", f"{name}_merged", "config.json"))
+  assert os.path.isfile(os.path.join(workdir, "export", "text_encoder_merged", "config.json"))
+  from safetensors import safe_open
+  with safe_open(os.path.join(workdir, "export", "base", lora.WEIGHTS_NAME), "np") as f:
+    keys, meta = list(f.keys()), json.loads(f.metadata()[lora.METADATA_KEY])
+  assert sum(k.startswith("text_encoder.encoder.block.") for k in keys) == 16
+  assert meta["text_encoder.r"] == meta["unet.r"] == 4
 
 
 @LORA_RUN
@@ -220,6 +231,7 @@ def test_sample_reads_a_lora_workdir(lora_run):
   workdir, _ = lora_run
   tuned = finetuned.FineTuned.load(workdir)
   assert isinstance(tuned.params["base"], lora.Adapted)
+  assert isinstance(tuned.text_encoder, lora.Adapted)  # prompts go through T5's adapters
   rng = jax.random.key(0)
   ours = tuned.generate("a [V] dog on the beach", 2, rng, upto="base")["base"]
   base = tuned.models.cascade.sample(tuned.embed(["a [V] dog on the beach"]), rng,
