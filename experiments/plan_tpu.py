@@ -6,6 +6,8 @@ r"""TPUv4 memory and time plan for full-size IF fine-tuning, from CPU ahead-of-t
   python experiments/plan_tpu.py --model=t5 --what=encode          # T5-XXL embedding pass
   python experiments/plan_tpu.py --model=if-i-xl --what=sample     # one guided prior-sampling step
   python experiments/plan_tpu.py --tiny --json=/tmp/plan.json      # tiny models, 4 devices (test)
+  python experiments/plan_tpu.py --model=if-i-xl --topology=v5e-1 --lora=16 --xla_report
+                                   # ... and how much of temp is XLA:CPU's f32 weight copies
 
 Nothing is allocated: every parameter, optimiser leaf and input is a
 `ShapeDtypeStruct` carrying the sharding `dreambooth_jax.train` would give it,
@@ -109,6 +111,9 @@ def parse_args(argv=None):
                  help="reference_configs folder (default $DREAMBOOTH_REFERENCE_CONFIGS or "
                       "../shared/reference_configs)")
   p.add_argument("--json", default=None, help="also write the rows here")
+  p.add_argument("--xla_report", action="store_true",
+                 help="read XLA's buffer report of the train step: how much of temp is float32 "
+                      "copies of bf16 weights, which XLA:CPU makes and a TPU does not")
   p.add_argument("--phases", action=argparse.BooleanOptionalAction, default=True,
                  help="also print every phase of a run (load, encode, sample, train, "
                       "checkpoint, export); --what=train,encode,sample gives all of them")
@@ -135,6 +140,11 @@ if __name__ == "__main__":
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              f" --xla_force_host_platform_device_count={_ARGS.devices}"
                              " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
+  if _ARGS.xla_report:
+    import tempfile
+    import xla_memory_report  # this folder's: sys.path[0] is the script's
+    os.environ["DREAMBOOTH_XLA_DUMP"] = tempfile.mkdtemp(prefix="plan_tpu_xla_")
+    os.environ["XLA_FLAGS"] += xla_memory_report.dump_flags(os.environ["DREAMBOOTH_XLA_DUMP"])
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import math  # noqa: E402
@@ -394,6 +404,9 @@ def analyse(kind, lowered, params, desc, args, mesh, config) -> dict:
       run_s=step_s * args.steps, run_steps=args.steps, compile_s=compile_s,
       largest_reduction=largest_reduction(compiled.as_text()),
       largest_param=max(math.prod(x.shape) for x in jax.tree.leaves(params)))
+  dump = os.environ.get("DREAMBOOTH_XLA_DUMP")
+  if kind == "train" and dump:
+    row.update(_weight_copies(lowered, dump))
   if kind == "sample" and len(STAGE_OF[args.model]) == 1:
     # A whole prior set: batch calls x this stage's denoising steps. (With --model=both
     # one call runs both UNets, but the stages take different numbers of steps.)
@@ -401,6 +414,24 @@ def analyse(kind, lowered, params, desc, args, mesh, config) -> dict:
     steps = config.cascade[STAGE_OF[args.model][0]].num_steps
     row["prior_set_s"] = step_s * steps * math.ceil(config.prior.num_images / b)
   return row
+
+
+def _weight_copies(lowered, dump: str) -> dict:
+  """The temp bytes XLA:CPU spends on float32 copies of the step's bf16 arguments (the
+  frozen UNets), from its buffer report; the dump (~100 MB of IR) is removed after."""
+  import shutil
+  import xla_memory_report
+  path = xla_memory_report.latest_report(dump)
+  if path is None:
+    raise SystemExit(f"--xla_report: XLA wrote no buffer report into {dump}")
+  shapes = [a._aval.shape for a in jax.tree.leaves(lowered.args_info)
+            if a._aval.dtype == jnp.bfloat16]
+  with open(path) as f:
+    copies = xla_memory_report.weight_copies(f.read(), shapes)
+  shutil.rmtree(dump, ignore_errors=True)
+  os.makedirs(dump)
+  return dict(temp_weight_copy_bytes=copies.bytes, temp_weight_copy_same_layout=copies.same_layout_bytes,
+              temp_weight_copy_swapped=copies.swapped_bytes, temp_weight_copy_allocations=copies.allocations)
 
 
 def format_row(r: dict) -> str:
@@ -413,6 +444,11 @@ def format_row(r: dict) -> str:
           f"peak {gib(r['peak_bytes_per_device'])} GiB/dev "
           f"(arg {r['argument_bytes'] / GIB:.2f} temp {r['temp_bytes'] / GIB:.2f}) "
           f"{'FITS' if r['fits'] else 'DOES NOT FIT'} {r['hbm_gib']:.0f} GiB | "
+          + (f"f32 copies of bf16 weights in temp {r['temp_weight_copy_bytes'] / GIB:.2f} GiB "
+             f"({r['temp_weight_copy_same_layout'] / GIB:.2f} as laid out, "
+             f"{r['temp_weight_copy_swapped'] / GIB:.2f} transposed): peak without them "
+             f"{(r['peak_bytes_per_device'] - r['temp_weight_copy_bytes']) / GIB:.2f} GiB | "
+             if "temp_weight_copy_bytes" in r else "") +
           f"{r['flops_per_device'] / 1e12:8.2f} TFLOP/dev/step "
           f"({r['flops_unpartitioned'] / 1e12:.2f} unpartitioned) | "
           f"{r['step_s'] * 1e3:8.1f} ms/step @ {r['mfu']:.0%} MFU{extra} | "

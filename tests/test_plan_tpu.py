@@ -83,3 +83,30 @@ def test_lora_plan_holds_adapters_in_the_state_and_the_base_as_an_argument():
   assert lora["argument_bytes"] >= 4 * unet
   phases = plan_tpu.run_phases(args, config, mesh, rules, {"train": lora})
   assert [r["phase"] for r in phases] == ["load", "train", "checkpoint", "export"]
+
+
+# The head of XLA:CPU's buffer report for IF-I-XL's LoRA step on one device (bf16 frozen
+# UNet), as `--xla_dump_to` writes it; the shape lists are cut short.
+_XLA_REPORT = """Memory Space: default (color=0)
+Total bytes: 20652518080 (19.23GiB)
+  cumulative_size;       size;       offset; used_by_n_values; shapes_list
+  ------------------------------------------------------------
+  544.50MiB(  4%);  544.50MiB;   1141899264;                4; f32[3,3,2816,5632], f32[3,3,5632,2816], 2×f32[3,3,2816,2816]
+    1.06GiB(  8%);  544.50MiB;    570949632;                2; f32[3,3,2816,5632], f32[2,64,64,704]
+    1.33GiB( 10%);  272.25MiB;   3229433856;                1; f32[3,3,2816,2816]
+    1.36GiB( 10%);   30.25MiB;   8694185984;                1; bf16[2816,2816]
+"""
+
+
+def test_xla_report_counts_only_allocations_of_weight_copies():
+  import xla_memory_report
+  allocations = xla_memory_report.allocations(_XLA_REPORT)
+  assert [a[0] for a in allocations] == [int(544.5 * 2**20), int(544.5 * 2**20), int(272.25 * 2**20),
+                                         int(30.25 * 2**20)]
+  assert allocations[0][1][-1] == ("f32", (3, 3, 2816, 2816))  # "2×" lists the shape once
+  bf16 = [(3, 3, 2816, 5632), (3, 3, 2816, 2816), (2816, 2816)]
+  copies = xla_memory_report.weight_copies(_XLA_REPORT, bf16)
+  # The first holds a transposed copy too; the second also an activation (left in); the
+  # bf16 argument itself is no copy.
+  assert copies.allocations == 2
+  assert copies.swapped_bytes == int(544.5 * 2**20) and copies.same_layout_bytes == int(272.25 * 2**20)
