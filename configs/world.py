@@ -12,11 +12,13 @@ and the photos of the world's six subjects, objects whose looks it never saw:
 
 Arguments after ':' as in configs/imagen_dog.py (`method=`, `stages=`,
 `steps=`, `runlocal`), plus `subject=NAME` (zigzag_ball, star_ball, star_box,
-heart_cup, diamond_ring, wavy_cone). This is configs/imagen_dog.py's `if`
+heart_cup, diamond_ring, wavy_cone) and `cascade=FOLDER` (another export of
+experiments/pretrain_world.py, with IF-I/ and IF-II/; default: the packaged one). This is configs/imagen_dog.py's `if`
 variant with the world's folders and sizes: nothing else differs, so what a
 world run shows is what the IF path does.
 """
 
+import json
 import pathlib
 
 import ml_collections
@@ -32,14 +34,15 @@ CLASS_NOUNS = dict(zigzag_ball="ball", star_ball="ball", star_box="box", heart_c
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, subject="zigzag_ball", method="dreambooth", stages="base+sr256",
-                             steps=-1, lora=0, runlocal=False)
+                             steps=-1, lora=0, runlocal=False, cascade="")
+  world = pathlib.Path(arg.cascade) if arg.cascade else WORLD
   if arg.subject not in CLASS_NOUNS:
     raise config_lib.ConfigError(f"subject {arg.subject!r}: use one of {', '.join(CLASS_NOUNS)}")
-  if not (WORLD / "IF-I" / "model_index.json").is_file():
+  if not (world / "IF-I" / "model_index.json").is_file():
     raise config_lib.ConfigError(
-        f"the pretrained world cascade is not at {WORLD}: pretrain and export it with "
+        f"the pretrained world cascade is not at {world}: pretrain and export it with "
         f"python experiments/pretrain_world.py --workdir=workdirs/world_pretrain "
-        f"--export={WORLD}")
+        f"--export={world}")
   forwarded = f"if,method={arg.method},stages={arg.stages},steps={arg.steps},lora={arg.lora}"
   # The IF config is the single source of the method's settings; the world config only
   # points it at other folders and sizes.
@@ -57,10 +60,13 @@ def get_config(arg=None):
     c.learned_token = dict(text="<rare>", init_word="rare")
 
   c.model.update(dtype="float32", t5_dtype="float32", remat=False)
+  trained = world / "world_cascade.json"  # how pretrain_world.py trained it (text mask or not)
+  if trained.is_file():
+    c.model.unet_text_mask = bool(json.loads(trained.read_text()).get("unet_text_mask", False))
   c.lora.base_dtype = ""  # the tiny frozen UNets stay float32
-  c.pretrained.update(stage_1=str(WORLD / "IF-I"), stage_2=str(WORLD / "IF-II"),
-                      t5=str(WORLD / "IF-I" / "text_encoder"),
-                      tokenizer=str(WORLD / "IF-I" / "tokenizer"))
+  c.pretrained.update(stage_1=str(world / "IF-I"), stage_2=str(world / "IF-II"),
+                      t5=str(world / "IF-I" / "text_encoder"),
+                      tokenizer=str(world / "IF-I" / "tokenizer"))
 
   # The world cascade was pretrained at 32 and 64 px with guidance dropout 0.1.
   for name, res, guidance in (("base", 32, 4.0), ("sr256", 64, 4.0)):

@@ -98,7 +98,12 @@ def parse_args(argv=None):
   p.add_argument("--sr_channels", type=int, default=16)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--ckpt_every", type=int, default=500)
-  p.add_argument("--sample_every", type=int, default=2000)
+  p.add_argument("--sample_every", type=int, default=2000, help="0: no sample grids at all")
+  p.add_argument("--text_mask", action="store_true",
+                 help="mask padded caption tokens out of the UNets' text attention (IF does not; "
+                      "the export records it and configs/world.py follows)")
+  p.add_argument("--weighting", default="uniform", choices=("uniform", "min_snr"),
+                 help="the loss weighting over noise levels (min_snr: Hang et al., gamma 5)")
   p.add_argument("--export", default=None, help="write the IF-layout cascade here at the end")
   p.add_argument("--export_only", action="store_true", help="export the latest checkpoint and stop")
   return p.parse_args(argv)
@@ -118,7 +123,8 @@ def build(args):
   for i, (name, d) in enumerate(unet_configs(args.base_channels, args.sr_channels).items()):
     cfg = UNetConfig.from_diffusers(d, source=f"world {name}")
     unet = random_init(abstract_unet(cfg), args.seed * 100 + i)
-    settings = cascade_lib.StageSettings(resolution=cfg.sample_size, guidance_scale=4.0, num_steps=25)
+    settings = cascade_lib.StageSettings(resolution=cfg.sample_size, guidance_scale=4.0, num_steps=25,
+                                         text_mask=args.text_mask, weighting=args.weighting)
     stages[name] = cascade_lib.Stage(name, unet, settings, scheduler_config=SCHEDULERS[name],
                                      lowres_resolution=32 if name == "sr" else None)
     params[name] = stages[name].params
@@ -149,8 +155,9 @@ def host_batch(args, step: int) -> dict:
 def make_step(stages, tx, ema_decay: float):
   def loss_fn(params, batch, rng):
     r1, r2 = jax.random.split(rng)
-    base, mb = stages["base"].loss(params["base"], batch["x32"], batch["text"], None, r1)
-    sr, ms = stages["sr"].loss(params["sr"], batch["x64"], batch["text"], None, r2,
+    mask = batch.get("mask")  # only with --text_mask
+    base, mb = stages["base"].loss(params["base"], batch["x32"], batch["text"], mask, r1)
+    sr, ms = stages["sr"].loss(params["sr"], batch["x64"], batch["text"], mask, r2,
                                aug_level=batch["aug"])
     return base.mean() + sr.mean(), {"base": base.mean(), "sr": sr.mean()}
 
@@ -197,10 +204,12 @@ def write_samples(stages, ema, encode, path, seed: int = 0):
   grids.save_grid(path, rows)
 
 
-def export(stages, ema, t5, out: pathlib.Path) -> None:
-  """The cascade in DeepFloyd IF's published layout, fp16 variant files only."""
+def export(stages, ema, t5, out: pathlib.Path, text_mask: bool = False) -> None:
+  """The cascade in DeepFloyd IF's published layout, fp16 variant files only, and
+  world_cascade.json: how it was trained where IF's layout has no field for it."""
   if out.exists():
     shutil.rmtree(out)
+  utils.write_json(out / "world_cascade.json", {"unet_text_mask": bool(text_mask)})
   for name, folder in (("base", out / "IF-I"), ("sr", out / "IF-II")):
     unet = nnx.merge(stages[name].graphdef, jax.device_get(ema[name]))
     save_unet_diffusers(unet, folder / "unet", dtype=np.float16, variant="fp16")
@@ -260,7 +269,7 @@ def main(argv=None):
 
   if args.export_only:
     export(stages, averaged(state, init, args.ema), t5,
-           pathlib.Path(args.export or workdir / "export"))
+           pathlib.Path(args.export or workdir / "export"), args.text_mask)
     return
   step_fn = jax.jit(make_step(stages, tx, args.ema), donate_argnums=(0,))
   put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh, x.shape))
@@ -275,6 +284,8 @@ def main(argv=None):
     emb = encode(host["captions"])
     batch = {"x32": put(host["x32"]), "x64": put(host["x64"]), "aug": put(host["aug"]),
              "text": put(np.asarray(emb["text"]))}
+    if args.text_mask:
+      batch["mask"] = put(np.asarray(emb["mask"]))
     with jax.set_mesh(mesh):
       state, metrics = step_fn(state, batch)
     done = step + 1
@@ -288,7 +299,7 @@ def main(argv=None):
       log.flush()
     if done % args.ckpt_every == 0:
       ckpt.save(done, state)
-    if done % args.sample_every == 0:
+    if args.sample_every and done % args.sample_every == 0:
       write_samples(stages, averaged(state, init, args.ema), encode,
                     workdir / "samples" / f"step_{done:06d}.png")
     if time.time() - started > args.hours * 3600:
@@ -298,10 +309,11 @@ def main(argv=None):
   if ckpt.latest_step() != done:
     ckpt.save(done, state, force=True)
     ckpt.wait()
-  write_samples(stages, averaged(state, init, args.ema), encode,
-                workdir / "samples" / f"step_{done:06d}.png")
+  if args.sample_every:
+    write_samples(stages, averaged(state, init, args.ema), encode,
+                  workdir / "samples" / f"step_{done:06d}.png")
   if args.export:
-    export(stages, averaged(state, init, args.ema), t5, pathlib.Path(args.export))
+    export(stages, averaged(state, init, args.ema), t5, pathlib.Path(args.export), args.text_mask)
   print(f"done: {done} steps in {(time.time() - started) / 60:.1f} min", flush=True)
 
 

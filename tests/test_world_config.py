@@ -1,6 +1,8 @@
 """configs/world.py: its arguments, and the clear error it gives while the pretrained world
 cascade is not in the checkout (experiments/pretrain_world.py makes it)."""
 
+import time
+
 import pytest
 
 from conftest import REPO
@@ -33,3 +35,26 @@ def test_missing_world_cascade_says_how_to_make_it():
   from dreambooth_jax import config_lib
   with pytest.raises(config_lib.ConfigError, match="pretrain_world.py .*--export="):
     world_config()
+
+
+def test_pretrain_export_is_what_the_world_config_loads(tmp_path):
+  """experiments/pretrain_world.py at toy width for two steps, with the UNets' text mask:
+  its IF-layout export is a `cascade=` for configs/world.py, which follows the mask it
+  was trained with, and score_world_cascade.py samples and scores it."""
+  import pretrain_world  # experiments/, on the path through pytest.ini
+  import score_world_cascade
+  from dreambooth_jax import pipeline
+  out = tmp_path / "export"
+  t0 = time.time()
+  pretrain_world.main([f"--workdir={tmp_path / 'run'}", "--steps=2", "--batch=2", "--base_channels=16",
+                       "--sr_channels=8", "--warmup=1", "--sample_every=0", "--text_mask", f"--export={out}"])
+  print(f"pretrain + export: {time.time() - t0:.1f} s")
+  config = world_config(f"cascade={out}")
+  assert config.model.unet_text_mask and config.pretrained.stage_1 == str(out / "IF-I")
+  stages = pipeline.build(config).cascade.stages
+  assert [s.settings.text_mask for s in stages] == [True, True]
+  t0 = time.time()
+  rows = score_world_cascade.main([f"--cascade={out}", "--num=2", "--steps=2"])
+  print(f"score: {time.time() - t0:.1f} s")
+  assert [r[1] for r in rows] == ["-", "64 px", "32 px", "base 32 px", "sr256 64 px"]
+  assert all(0.0 <= v <= 1.0 for r in rows for v in r[2].values())
