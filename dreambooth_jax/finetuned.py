@@ -49,10 +49,8 @@ def restore_params(config, models: pipeline.Models, workdir, step: int | None = 
   t5 = text = None
   if phase.train_unets:
     stages = lora_lib.wrap(config, stages)
-    s = lora_lib.settings(config)
-    if s is not None and s.text_encoder:
-      t5 = models.load_t5()
-      text = lora_lib.text_adapters(config, t5)
+    t5 = models.load_t5() if lora_lib.adapts_text(config) else None
+    text = lora_lib.text_adapters(config, t5)
   ps = state_lib.setup(config, stages, phase, models.mesh, models.rules,
                        num_tokens=len(models.tokenizer.learned_tokens), token_width=models.t5_width,
                        text=text)

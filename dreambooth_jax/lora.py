@@ -270,10 +270,15 @@ class LoRAText(_Adapters):
                                    "SelfAttention q/k/v/o layers to adapt")
 
 
+def adapts_text(config) -> bool:
+  """Whether `config.lora` also adapts T5 (then T5 stays loaded with the adapters)."""
+  s = settings(config)
+  return s is not None and s.text_encoder
+
+
 def text_adapters(config, t5: nnx.Module | None) -> LoRAText | None:
   """T5's adapters when `config.lora.text_encoder` is on (and T5 is given), else None."""
-  s = settings(config)
-  return LoRAText(t5, s) if s is not None and s.text_encoder and t5 is not None else None
+  return LoRAText(t5, settings(config)) if adapts_text(config) and t5 is not None else None
 
 
 def wrap(config, stages: Mapping[str, Any]) -> dict[str, Any]:

@@ -115,10 +115,9 @@ def run(config, workdir):
   # == State: resume from the workdir, else the built (pretrained / random) params =====
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.checkpoint.keep,
                                      async_save=config.checkpoint.async_save)
-  lora_settings = lora_lib.settings(config)
-  text_lora = lora_settings is not None and lora_settings.text_encoder
   # TI backprops through T5; T5's adapters learn on it: either way it stays loaded.
-  t5 = models.load_t5() if methods.uses_learned_tokens(config) or text_lora else None
+  t5 = (models.load_t5() if methods.uses_learned_tokens(config) or lora_lib.adapts_text(config)
+        else None)
   stages = {n: models.cascade.by_name[n] for n in tuned}
   adapted = lora_lib.wrap(config, stages)  # LoRA: adapters learn on the frozen UNets
   text_adapters = lora_lib.text_adapters(config, t5)  # and on T5's attention, if asked
