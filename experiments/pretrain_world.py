@@ -104,6 +104,9 @@ def parse_args(argv=None):
                       "the export records it and configs/world.py follows)")
   p.add_argument("--weighting", default="uniform", choices=("uniform", "min_snr"),
                  help="the loss weighting over noise levels (min_snr: Hang et al., gamma 5)")
+  p.add_argument("--train", default="base+sr", choices=("base+sr", "base", "sr"),
+                 help="the UNets this run trains; the other keeps its weights (its EMA settles on them). "
+                      "The base decides what the cascade draws and costs most of a step's learning")
   p.add_argument("--export", default=None, help="write the IF-layout cascade here at the end")
   p.add_argument("--export_only", action="store_true", help="export the latest checkpoint and stop")
   return p.parse_args(argv)
@@ -152,19 +155,24 @@ def host_batch(args, step: int) -> dict:
 # The step
 # ----------------------------------------------------------------------------
 
-def make_step(stages, tx, ema_decay: float):
+def make_step(stages, tx, ema_decay: float, train=("base", "sr")):
   def loss_fn(params, batch, rng):
     r1, r2 = jax.random.split(rng)
     mask = batch.get("mask")  # only with --text_mask
-    base, mb = stages["base"].loss(params["base"], batch["x32"], batch["text"], mask, r1)
-    sr, ms = stages["sr"].loss(params["sr"], batch["x64"], batch["text"], mask, r2,
-                               aug_level=batch["aug"])
-    return base.mean() + sr.mean(), {"base": base.mean(), "sr": sr.mean()}
+    parts = {}
+    if "base" in train:
+      parts["base"] = stages["base"].loss(params["base"], batch["x32"], batch["text"], mask, r1)[0].mean()
+    if "sr" in train:
+      parts["sr"] = stages["sr"].loss(params["sr"], batch["x64"], batch["text"], mask, r2,
+                                      aug_level=batch["aug"])[0].mean()
+    return sum(parts.values()), parts
 
   def step(state, batch):
     rng = jax.random.fold_in(state["rng"], state["step"])
     (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, rng)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    # A stage not trained has zero gradients, but Adam's decaying moments would still move it.
+    updates = {k: u if k in train else jax.tree.map(jnp.zeros_like, u) for k, u in updates.items()}
     params = optax.apply_updates(state["params"], updates)
     ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state["ema"], params)
     return (dict(state, params=params, ema=ema, opt_state=opt_state, step=state["step"] + 1),
@@ -271,7 +279,7 @@ def main(argv=None):
     export(stages, averaged(state, init, args.ema), t5,
            pathlib.Path(args.export or workdir / "export"), args.text_mask)
     return
-  step_fn = jax.jit(make_step(stages, tx, args.ema), donate_argnums=(0,))
+  step_fn = jax.jit(make_step(stages, tx, args.ema, tuple(args.train.split("+"))), donate_argnums=(0,))
   put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh, x.shape))
   pool = concurrent.futures.ThreadPoolExecutor(1)
   start = int(state["step"])
@@ -293,8 +301,8 @@ def main(argv=None):
       m = {k: float(v) for k, v in jax.device_get(metrics).items()}
       rate = 50 / (time.time() - t_last)
       t_last = time.time()
-      print(f"step {done} loss {m['loss']:.4f} (base {m['base']:.4f} sr {m['sr']:.4f}) "
-            f"{rate:.2f} steps/s", flush=True)
+      parts = " ".join(f"{k} {m[k]:.4f}" for k in ("base", "sr") if k in m)
+      print(f"step {done} loss {m['loss']:.4f} ({parts}) {rate:.2f} steps/s", flush=True)
       log.write(json.dumps(dict(step=done, time=time.time() - started, **m)) + "\n")
       log.flush()
     if done % args.ckpt_every == 0:

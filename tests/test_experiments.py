@@ -36,8 +36,16 @@ def test_prior_quality_frechet_distance():
 
 def test_world_ablations_change_only_what_they_name():
   import world_ablations
-  for name, rows in world_ablations.ABLATIONS.items():
-    assert len(rows) >= 2, name
-    assert len({(arg, tuple(o)) for _, arg, o in rows}) == len(rows), name  # rows differ
-    for _, arg, overrides in rows:
-      assert all(o.startswith("--config.") for o in overrides), (name, overrides)
+  variants = world_ablations.VARIANTS
+  assert len({(arg, tuple(o)) for arg, o in variants.values()}) == len(variants)  # all differ
+  assert variants["dreambooth"] == ("", ())  # the reference row is the config as shipped
+  for arg, overrides in variants.values():
+    assert all(o.startswith("--config.") for o in overrides), overrides
+  for study, names in world_ablations.STUDIES.items():
+    assert len(names) >= 2 and set(names) <= set(variants), study
+  args = world_ablations.parse_args(["--study=methods", "--cascade=c", "--steps=7"])
+  assert world_ablations.config_arg(args, "two_stage") == (
+      "configs/world.py:subject=zigzag_ball,steps=7,cascade=c,method=ti_then_finetune")
+  rows = [{"variant": "dreambooth", "seeds": 2,
+           **{m: world_ablations.spread([0.25, 0.75]) for m in world_ablations.METRICS}}]
+  assert "| dreambooth | 2 | 0.500 ± 0.354 |" in world_ablations.markdown("methods", "x", rows)
