@@ -1,4 +1,5 @@
-"""T5's SentencePiece tokenizer with DeepFloyd IF's conventions, on `sentencepiece` alone.
+"""T5's SentencePiece tokenizer with DeepFloyd IF's conventions, on `sentencepiece` alone
+(and CLIP's BPE, `ClipTokenizer`, for the SD x4 upscaler that DeepFloyd publish as stage III).
 
 DreamBooth identifiers built on it ("[V]", rare tokens) live in
 `dreambooth_jax.identifiers`; the prompt-embedding cache (T5 run once per
@@ -203,3 +204,65 @@ class Tokenizer:
   def __repr__(self):
     return (f"Tokenizer({self.path!r}, vocab_size={self.vocab_size}, "
             f"max_length={self.max_length}, preprocess={self.preprocess!r})")
+
+
+CLIP_MAX_LENGTH = 77  # CLIP's text positions; Stable Diffusion pads every prompt to them
+CLIP_FILES = ("vocab.json", "merges.txt")
+
+
+class ClipTokenizer:
+  """CLIP's byte-level BPE with the batch encoding of Stable Diffusion pipelines (the x4
+  upscaler's `encode_prompt`): `tok(prompts) -> {"input_ids", "attention_mask"}` [B, 77].
+
+  It wraps transformers' `CLIPTokenizer`, which runs on the `tokenizers` library
+  without torch: the BPE, CLIP's text cleanup (whitespace, lowercase) and the
+  start/end-of-text tokens are exactly the reference's. Prompts are padded to
+  `max_length` with the folder's pad token (OpenCLIP-H's "!" for the upscaler)
+  and truncated keeping the end-of-text token; no IF-style preprocessing.
+  """
+
+  def __init__(self, hf_tokenizer, *, max_length: int | None = None):
+    self.hf = hf_tokenizer
+    declared = int(getattr(hf_tokenizer, "model_max_length", 0) or 0)
+    # A folder without tokenizer_config.json declares a huge sentinel length.
+    self.max_length = int(max_length or (declared if 0 < declared <= 4096 else CLIP_MAX_LENGTH))
+
+  @classmethod
+  def from_pretrained(cls, folder: str, **kwargs) -> "ClipTokenizer":
+    """From a folder holding vocab.json and merges.txt (a diffusers pipeline's tokenizer/)."""
+    missing = [n for n in CLIP_FILES if not os.path.isfile(os.path.join(folder, n))]
+    if missing:
+      raise FileNotFoundError(
+          f"{folder!r} has no {' or '.join(missing)}: not a CLIP tokenizer folder. Point at the "
+          "tokenizer/ of a Stable Diffusion download (vocab.json + merges.txt).")
+    from transformers import CLIPTokenizer  # deferred: only CLIP-conditioned models need it
+    return cls(CLIPTokenizer.from_pretrained(folder), **kwargs)
+
+  @property
+  def vocab_size(self) -> int:
+    return len(self.hf)
+
+  @property
+  def pad_id(self) -> int:
+    return int(self.hf.pad_token_id)
+
+  @property
+  def eos_id(self) -> int:
+    return int(self.hf.eos_token_id)
+
+  def encode(self, text: str) -> list[int]:
+    """Ids of one string with start- and end-of-text, neither truncated nor padded."""
+    return list(self.hf(text)["input_ids"])
+
+  def __call__(self, prompts: str | Sequence[str]) -> dict[str, np.ndarray]:
+    """int32 `input_ids` and `attention_mask` [B, max_length], as the pipeline tokenizes."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    out = self.hf(prompts, padding="max_length", max_length=self.max_length, truncation=True,
+                  return_tensors="np")
+    return {k: np.asarray(out[k], np.int32) for k in ("input_ids", "attention_mask")}
+
+  def decode(self, ids, *, skip_special_tokens: bool = False) -> str:
+    return self.hf.decode(np.asarray(ids).reshape(-1).tolist(), skip_special_tokens=skip_special_tokens)
+
+  def __repr__(self):
+    return f"ClipTokenizer(vocab_size={self.vocab_size}, max_length={self.max_length})"

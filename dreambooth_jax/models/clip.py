@@ -1,4 +1,5 @@
-"""CLIP (transformers' `CLIPModel`) in flax.nnx, for the CLIP-I and CLIP-T metrics.
+"""CLIP (transformers' `CLIPModel`) in flax.nnx, for the CLIP-I and CLIP-T metrics,
+and its text tower alone (`CLIPTextModel`), the text encoder of the SD x4 upscaler.
 
 The DreamBooth protocol scores images with CLIP ViT-B/32 image embeddings
 (CLIP-I: generated vs real) and prompts with its text embeddings (CLIP-T). We
@@ -28,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dreambooth_jax.models.layers import Conv, Dense, Embed, LayerNorm, activation, param
+from dreambooth_jax.models.layers import Conv, Dense, Embed, KeyGen, LayerNorm, activation, param
 from dreambooth_jax.models.vit import attention
 
 
@@ -55,6 +56,15 @@ class CLIPTowerConfig:
   def text_defaults(cls) -> "CLIPTowerConfig":
     return cls(hidden_size=512, intermediate_size=2048, num_attention_heads=8)
 
+  @classmethod
+  def from_hf_text(cls, d: dict[str, Any], source: str = "config") -> "CLIPTowerConfig":
+    """From a transformers CLIPTextModel config.json dict (a diffusers pipeline's text_encoder/)."""
+    if d.get("model_type", "clip_text_model") != "clip_text_model":
+      raise ValueError(f"{source}: model_type {d.get('model_type')!r} is not 'clip_text_model'; "
+                       "expected a CLIPTextModel folder such as the text_encoder/ of "
+                       "stabilityai/stable-diffusion-x4-upscaler.")
+    return _tower(d, cls.text_defaults(), source, "text")
+
 
 @dataclasses.dataclass(frozen=True)
 class CLIPConfig:
@@ -77,30 +87,36 @@ class CLIPConfig:
 
     def tower(name: str, defaults: CLIPTowerConfig) -> CLIPTowerConfig:
       merged = {**(d.get(f"{name}_config") or {}), **(d.get(f"{name}_config_dict") or {})}
-      values = {}
-      for f in dataclasses.fields(CLIPTowerConfig):
-        v = merged.get(f.name)
-        values[f.name] = getattr(defaults, f.name) if v is None else v
-      for k in ("image_size", "patch_size"):
-        v = values[k]
-        if isinstance(v, (list, tuple)):
-          if len(set(v)) != 1:
-            raise ValueError(f"{source}: non-square {name} {k} {v} is not supported.")
-          values[k] = v[0]
-      if not isinstance(values["eos_token_id"], int):
-        raise ValueError(f"{source}: {name}_config.eos_token_id must be one integer, got "
-                         f"{values['eos_token_id']!r}.")
-      cfg = CLIPTowerConfig(**values)
-      if cfg.hidden_size % cfg.num_attention_heads:
-        raise ValueError(f"{source}: {name} hidden_size {cfg.hidden_size} is not divisible by "
-                         f"num_attention_heads {cfg.num_attention_heads}.")
-      activation(cfg.hidden_act)
-      return cfg
+      return _tower(merged, defaults, source, name)
 
     return cls(text=tower("text", CLIPTowerConfig.text_defaults()),
                vision=tower("vision", CLIPTowerConfig()),
                projection_dim=int(d.get("projection_dim") or 512),
                logit_scale_init_value=float(d.get("logit_scale_init_value") or 2.6592))
+
+
+def _tower(merged: dict[str, Any], defaults: CLIPTowerConfig, source: str,
+           name: str) -> CLIPTowerConfig:
+  """One tower's config from its HF dict; missing keys take transformers' defaults."""
+  values = {}
+  for f in dataclasses.fields(CLIPTowerConfig):
+    v = merged.get(f.name)
+    values[f.name] = getattr(defaults, f.name) if v is None else v
+  for k in ("image_size", "patch_size"):
+    v = values[k]
+    if isinstance(v, (list, tuple)):
+      if len(set(v)) != 1:
+        raise ValueError(f"{source}: non-square {name} {k} {v} is not supported.")
+      values[k] = v[0]
+  if not isinstance(values["eos_token_id"], int):
+    raise ValueError(f"{source}: {name}_config.eos_token_id must be one integer, got "
+                     f"{values['eos_token_id']!r}.")
+  cfg = CLIPTowerConfig(**values)
+  if cfg.hidden_size % cfg.num_attention_heads:
+    raise ValueError(f"{source}: {name} hidden_size {cfg.hidden_size} is not divisible by "
+                     f"num_attention_heads {cfg.num_attention_heads}.")
+  activation(cfg.hidden_act)
+  return cfg
 
 
 class CLIPAttention(nnx.Module):
@@ -216,13 +232,18 @@ class CLIPTextTransformer(nnx.Module):
     self.encoder = CLIPEncoder(cfg, **kw)
     self.final_layer_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, **kw)
 
-  def __call__(self, input_ids, attention_mask=None):
+  def hidden_states(self, input_ids, attention_mask=None):
+    """Final-layernormed hidden states [B, T, hidden]: transformers' last_hidden_state."""
     input_ids = jnp.asarray(input_ids, jnp.int32)
     t = input_ids.shape[-1]
     mask = jnp.tril(jnp.ones((t, t), bool))[None, None]  # [1, 1, Tq, Tk]
     if attention_mask is not None:
       mask = mask & (jnp.asarray(attention_mask) != 0)[:, None, None, :]
-    h = self.final_layer_norm(self.encoder(self.embeddings(input_ids), mask))
+    return self.final_layer_norm(self.encoder(self.embeddings(input_ids), mask))
+
+  def __call__(self, input_ids, attention_mask=None):
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    h = self.hidden_states(input_ids, attention_mask)
     if self.eos_token_id == 2:
       # Checkpoints from before transformers PR #24773 (openai/clip-vit-base-patch32
       # among them) say eos_token_id=2; transformers then pools at the largest
@@ -272,6 +293,34 @@ class CLIP(nnx.Module):
     img = img / jnp.linalg.norm(img, axis=-1, keepdims=True)
     txt = txt / jnp.linalg.norm(txt, axis=-1, keepdims=True)
     return jnp.exp(self.logit_scale[...].astype(jnp.float32)) * img @ txt.T
+
+
+class CLIPTextModel(nnx.Module):
+  """transformers' CLIPTextModel: `model(input_ids) -> last_hidden_state` [B, T, hidden].
+
+  What Stable Diffusion pipelines condition their UNets on (the x4 upscaler:
+  OpenCLIP ViT-H's text tower cut to its first 23 of 24 layers, i.e. its
+  penultimate layer, width 1024). Params sit under `text_model.`, the names
+  transformers 4 saved; the loader maps transformers 5's unprefixed names too.
+  """
+
+  def __init__(self, cfg: CLIPTowerConfig, *, rngs=None, dtype=None, param_dtype=jnp.float32):
+    self.cfg = cfg
+    self.text_model = CLIPTextTransformer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+  def __call__(self, input_ids, attention_mask=None) -> jax.Array:
+    """Token ids [B, T] -> hidden states [B, T, hidden]. Stable Diffusion passes no mask
+    (only the causal one applies), so padding tokens get states too and are attended to."""
+    return self.text_model.hidden_states(input_ids, attention_mask)
+
+  def pooled(self, input_ids, attention_mask=None) -> jax.Array:
+    """The end-of-text hidden state [B, hidden] (transformers' pooler_output)."""
+    return self.text_model(input_ids, attention_mask)
+
+
+def abstract_clip_text_model(cfg: CLIPTowerConfig, **kw) -> CLIPTextModel:
+  """The text encoder with ShapeDtypeStruct params: shapes and logical axes, no memory."""
+  return nnx.eval_shape(lambda: CLIPTextModel(cfg, rngs=KeyGen(0), **kw))
 
 
 def abstract_clip_model(cfg: CLIPConfig, **kw) -> CLIP:

@@ -1,8 +1,9 @@
-"""The DeepFloyd-IF / Imagen-style text-conditioned pixel UNet, in flax.nnx.
+"""The DeepFloyd-IF / Imagen-style text-conditioned UNet, in flax.nnx.
 
-Mirrors diffusers' `UNet2DConditionModel` for the block types IF uses, module
-for module and name for name, so diffusers state dicts map onto our params
-with no renames (see `weights.unet`):
+Mirrors diffusers' `UNet2DConditionModel` for the block types IF uses (and
+those of Stable Diffusion's x4 upscaler, DeepFloyd's published stage III),
+module for module and name for name, so diffusers state dicts map onto our
+params with no renames (see `weights.unet`):
 
 - ResnetDownsampleBlock2D / ResnetUpsampleBlock2D: resnets whose resampling is
   itself a resnet (`down=True`: 2x2 average pool; `up=True`: nearest 2x).
@@ -13,6 +14,11 @@ with no renames (see `weights.unet`):
   "text" (attention-pooled T5 added to the time embedding), class embedding
   "timestep" (the SR stage's augmentation level, a *float* on the 0..1000
   scale), scale-shift resnets, skip_time_act, output scale factors.
+- The x4 upscaler's latent-UNet blocks (`models.latent_blocks`):
+  CrossAttnDownBlock2D / CrossAttnUpBlock2D and UNetMidBlock2DCrossAttn
+  (transformer blocks with text cross-attention, `only_cross_attention`,
+  `use_linear_projection`), DownBlock2D / UpBlock2D (conv resampling), and
+  the `num_class_embeds` table that embeds its integer noise level.
 
 Layout is NHWC throughout (TPU-friendly); the output of IF stages has 6
 channels: epsilon and the learned-range variance interpolation values.
@@ -29,11 +35,18 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dreambooth_jax import sharding
-from dreambooth_jax.models.layers import (Conv, Dense, GroupNorm, KeyGen, LayerNorm, Rngs, activation,
-                                          param, random_init)
+from dreambooth_jax.models.latent_blocks import Downsample2D, Transformer2D, Upsample2D
+from dreambooth_jax.models.layers import (Conv, Dense, Embed, GroupNorm, KeyGen, LayerNorm, Rngs,
+                                          activation, param, random_init)
 
-DOWN_TYPES = ("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D")
-UP_TYPES = ("ResnetUpsampleBlock2D", "SimpleCrossAttnUpBlock2D")
+IF_DOWN_TYPES = ("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D")
+IF_UP_TYPES = ("ResnetUpsampleBlock2D", "SimpleCrossAttnUpBlock2D")
+# Latent-diffusion blocks (the SD x4 upscaler): conv resampling, transformer attention, and
+# resnets that ignore resnet_skip_time_act / resnet_out_scale_factor, as diffusers builds them.
+LATENT_DOWN_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
+LATENT_UP_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")
+DOWN_TYPES, UP_TYPES = IF_DOWN_TYPES + LATENT_DOWN_TYPES, IF_UP_TYPES + LATENT_UP_TYPES
+MID_TYPES = ("UNetMidBlock2DSimpleCrossAttn", "UNetMidBlock2DCrossAttn")
 # Large negative bias diffusers adds for padded text tokens (not -inf, so a
 # fully padded row still softmaxes to something finite, exactly as in PyTorch).
 _MASK_BIAS = -10000.0
@@ -41,7 +54,12 @@ _MASK_BIAS = -10000.0
 
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
-  """The subset of diffusers' UNet2DConditionModel config that IF-style UNets use."""
+  """The subset of diffusers' UNet2DConditionModel config that IF and the SD x4 upscaler use.
+
+  `attention_head_dim` is diffusers' field as it uses it: the head *width* of
+  SimpleCrossAttn (IF) blocks, but the head *count* of CrossAttn (transformer)
+  blocks and UNetMidBlock2DCrossAttn (diffusers issue #2011).
+  """
 
   in_channels: int = 3
   out_channels: int = 6
@@ -53,11 +71,15 @@ class UNetConfig:
   attention_head_dim: tuple[int, ...] = (8, 8)
   only_cross_attention: tuple[bool, ...] = (False, False)
   mid_block_only_cross_attention: bool = False
+  mid_block_type: str = "UNetMidBlock2DSimpleCrossAttn"
   cross_attention_dim: int = 32
   encoder_hid_dim: int | None = None
   addition_embed_type: str | None = "text"
   addition_embed_type_num_heads: int = 64
   class_embed_type: str | None = None
+  num_class_embeds: int | None = None  # with class_embed_type None: a table of integer labels
+  use_linear_projection: bool = False
+  downsample_padding: int = 1
   act_fn: str = "gelu"
   norm_num_groups: int = 32
   norm_eps: float = 1e-5
@@ -82,17 +104,20 @@ class UNetConfig:
     """Builds the config from a diffusers config.json dict, refusing what we do not implement."""
     n = len(d.get("down_block_types", ()))
     unsupported = {
-        "mid_block_type": ("UNetMidBlock2DSimpleCrossAttn",), "time_embedding_type": ("positional",),
+        "mid_block_type": MID_TYPES, "time_embedding_type": ("positional",),
         "encoder_hid_dim_type": (None, "text_proj"), "addition_embed_type": (None, "text"),
         "class_embed_type": (None, "timestep"), "resnet_time_scale_shift": ("default", "scale_shift"),
         "cross_attention_norm": (None, "group_norm"), "time_cond_proj_dim": (None,),
-        "timestep_post_act": (None,), "class_embeddings_concat": (False,), "num_class_embeds": (None,),
+        "timestep_post_act": (None,), "class_embeddings_concat": (False,),
         "center_input_sample": (False,), "dual_cross_attention": (False,),
+        "transformer_layers_per_block": (1,), "reverse_transformer_layers_per_block": (None,),
+        "attention_type": ("default",), "num_attention_heads": (None,), "downsample_padding": (0, 1),
     }
     for key, ok in unsupported.items():
       if key in d and d[key] not in ok:
         raise ValueError(f"{source}: {key}={d[key]!r} is not supported by dreambooth_jax's UNet "
-                         f"(supported: {list(ok)}); it implements the DeepFloyd IF architecture.")
+                         f"(supported: {list(ok)}); it implements the DeepFloyd IF architecture "
+                         "and Stable Diffusion's x4 upscaler.")
     for key in ("down_block_types", "up_block_types"):
       allowed = DOWN_TYPES if key.startswith("down") else UP_TYPES
       bad = [t for t in d.get(key, ()) if t not in allowed]
@@ -102,6 +127,9 @@ class UNetConfig:
                            "layers_per_block", "cross_attention_dim") if d.get(k) is None]
     if missing:
       raise ValueError(f"{source}: required keys {missing} are missing or null.")
+    if not isinstance(d["cross_attention_dim"], int):
+      raise ValueError(f"{source}: cross_attention_dim={d['cross_attention_dim']!r}: only one "
+                       "text width for every block is supported.")
 
     def per_block(value, default):
       value = default if value is None else value
@@ -113,6 +141,17 @@ class UNetConfig:
     if mid_only is None:
       mid_only = only_cross if isinstance(only_cross, bool) else False
     encoder_hid_dim = d.get("encoder_hid_dim")
+    # diffusers' default mid block is UNetMidBlock2DCrossAttn; configs of IF-block UNets
+    # written without the key (this library's tiny and benchmark configs) mean IF's own.
+    down, up = d["down_block_types"], d["up_block_types"]
+    if_blocks = all(t in IF_DOWN_TYPES for t in down)
+    mid_type = d.get("mid_block_type") or (MID_TYPES[0] if if_blocks else MID_TYPES[1])
+    if len({t in IF_DOWN_TYPES for t in down} | {t in IF_UP_TYPES for t in up}
+           | {mid_type == MID_TYPES[0]}) > 1:
+      raise ValueError(f"{source}: down_block_types {list(down)}, up_block_types {list(up)} and "
+                       f"mid_block_type {mid_type!r} mix IF's blocks ({IF_DOWN_TYPES + IF_UP_TYPES}, "
+                       f"{MID_TYPES[0]}) with latent ones ({LATENT_DOWN_TYPES + LATENT_UP_TYPES}, "
+                       f"{MID_TYPES[1]}); use one family.")
     return cls(
         in_channels=d.get("in_channels", 4), out_channels=d.get("out_channels", 4),
         sample_size=d.get("sample_size") or 64,
@@ -122,12 +161,15 @@ class UNetConfig:
         attention_head_dim=tuple(h if h is not None else c for h, c in
                                  zip(per_block(heads, 8), d["block_out_channels"])),
         only_cross_attention=per_block(only_cross, False),
-        mid_block_only_cross_attention=bool(mid_only),
+        mid_block_only_cross_attention=bool(mid_only), mid_block_type=mid_type,
         cross_attention_dim=d["cross_attention_dim"],
         encoder_hid_dim=encoder_hid_dim,
         addition_embed_type=d.get("addition_embed_type"),
         addition_embed_type_num_heads=d.get("addition_embed_type_num_heads") or 64,
         class_embed_type=d.get("class_embed_type"),
+        num_class_embeds=d.get("num_class_embeds") if d.get("class_embed_type") is None else None,
+        use_linear_projection=bool(d.get("use_linear_projection", False)),
+        downsample_padding=d.get("downsample_padding", 1),
         act_fn=d.get("act_fn", "silu"), norm_num_groups=d.get("norm_num_groups", 32),
         norm_eps=d.get("norm_eps", 1e-5),
         resnet_time_scale_shift=d.get("resnet_time_scale_shift", "default"),
@@ -147,9 +189,9 @@ class UNetConfig:
     for k, v in d.items():
       if isinstance(v, tuple):
         d[k] = list(v)
-    d.update(_class_name="UNet2DConditionModel", mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+    d.update(_class_name="UNet2DConditionModel",
              encoder_hid_dim_type="text_proj" if self.encoder_hid_dim else None,
-             time_embedding_type="positional", upcast_attention=False, use_linear_projection=False)
+             time_embedding_type="positional", upcast_attention=False)
     return d
 
 
@@ -216,18 +258,23 @@ class TextTimeEmbedding(nnx.Module):
 
 
 class ResnetBlock(nnx.Module):
-  """diffusers' ResnetBlock2D (pre-norm), optionally resampling (`up`/`down`)."""
+  """diffusers' ResnetBlock2D (pre-norm), optionally resampling (`up`/`down`).
 
-  def __init__(self, cin: int, cout: int, temb: int, cfg: UNetConfig, *, scale: float,
-               up: bool = False, down: bool = False, **kw):
+  `temb=None` builds it without time conditioning (the VAE's resnets);
+  `skip_time_act` overrides the config's (latent-UNet blocks never skip it).
+  """
+
+  def __init__(self, cin: int, cout: int, temb: int | None, cfg: UNetConfig, *, scale: float,
+               up: bool = False, down: bool = False, skip_time_act: bool | None = None, **kw):
     groups, eps = cfg.norm_num_groups, cfg.norm_eps
     self.up, self.down, self.scale = up, down, scale
     self.scale_shift = cfg.resnet_time_scale_shift == "scale_shift"
-    self.skip_time_act = cfg.resnet_skip_time_act
+    self.skip_time_act = cfg.resnet_skip_time_act if skip_time_act is None else skip_time_act
     self.act = activation(cfg.act_fn)
     self.norm1 = GroupNorm(groups, cin, eps=eps, **kw)
     self.conv1 = Conv(cin, cout, 3, **kw)
-    self.time_emb_proj = Dense(temb, cout * (2 if self.scale_shift else 1), axes=("embed", "mlp"), **kw)
+    self.time_emb_proj = (None if temb is None else
+                          Dense(temb, cout * (2 if self.scale_shift else 1), axes=("embed", "mlp"), **kw))
     self.norm2 = GroupNorm(groups, cout, eps=eps, **kw)
     self.conv2 = Conv(cout, cout, 3, **kw)
     self.conv_shortcut = Conv(cin, cout, 1, **kw) if cin != cout else None
@@ -240,12 +287,15 @@ class ResnetBlock(nnx.Module):
       return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
     return x
 
-  def __call__(self, x, temb):
+  def __call__(self, x, temb=None):
     h = self.act(self.norm1(x))
     x, h = self._resample(x), self._resample(h)
     h = self.conv1(h)
-    t = self.time_emb_proj(temb if self.skip_time_act else self.act(temb))[:, None, None, :]
-    if self.scale_shift:  # fused into the norm's single multiply-add
+    t = (None if self.time_emb_proj is None else
+         self.time_emb_proj(temb if self.skip_time_act else self.act(temb))[:, None, None, :])
+    if t is None:
+      h = self.norm2(h)
+    elif self.scale_shift:  # fused into the norm's single multiply-add
       h = self.norm2(h, scale_shift=jnp.split(t, 2, axis=-1))
     else:
       h = self.norm2(h + t)
@@ -291,7 +341,7 @@ class AddedKVAttention(nnx.Module):
     return self.to_out[0](dot_attention(q, k, v, bias)).reshape(b, hgt, wid, c) + residual
 
 
-def dot_attention(q, k, v, bias=None):
+def dot_attention(q, k, v, bias=None, *, max_scores: int | None = None):
   """softmax(q k^T / sqrt(d) + bias) v for [B, L, H, D] inputs, softmax in float32.
 
   Batched matmuls in heads-major layout: XLA:CPU's YNNPACK fusion of the
@@ -300,7 +350,9 @@ def dot_attention(q, k, v, bias=None):
   chunk's [B, H, c, K] score block stays in cache instead of streaming a
   [B, H, Q, K] matrix through memory three times: 3x faster at 32x32 tokens.
   Batch and heads stay vectorised, so a batch-sharded call needs no gathers.
-  On TPU/GPU XLA fuses the plain form well and it is used as is.
+  On TPU/GPU XLA fuses the plain form well and it is used as is, unless
+  `max_scores` caps a chunk's [B, H, c, K] block on every backend (the SD x4
+  upscaler VAE's 65536-token attention would otherwise need 16 GiB per image).
   """
   b, nq, h, d = q.shape
   kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
@@ -314,6 +366,8 @@ def dot_attention(q, k, v, bias=None):
     return jnp.matmul(jax.nn.softmax(s, axis=-1).astype(vh.dtype), vh)
 
   chunk = _query_chunk(nq, k.shape[1])
+  if chunk is None and max_scores:
+    chunk = _query_chunk(nq, k.shape[1] * b * h, max_scores)
   if chunk is None:
     o = jnp.swapaxes(attend(jnp.swapaxes(q, 1, 2)), 1, 2)
   else:
@@ -327,9 +381,11 @@ def dot_attention(q, k, v, bias=None):
 CHUNK_QUERIES: bool | None = None
 
 
-def _query_chunk(nq: int, nk: int, target: int = 1 << 16) -> int | None:
-  """Query-chunk length on CPU (largest power of two with chunk * keys <= target)."""
+def _query_chunk(nq: int, nk: int, target: int | None = None) -> int | None:
+  """Query-chunk length (largest power of two with chunk * keys <= target): on CPU by
+  default, on every backend when a `target` is given."""
   enabled = jax.default_backend() == "cpu" if CHUNK_QUERIES is None else CHUNK_QUERIES
+  enabled, target = (enabled, 1 << 16) if target is None else (True, target)
   if not enabled or nq * nk <= target:
     return None
   chunk = 1
@@ -342,30 +398,57 @@ def _remat(fn, enabled: bool):
   return nnx.remat(fn) if enabled else fn
 
 
+def _attentions(kind: str, dim: int, idx: int, n: int, cfg: UNetConfig, **kw):
+  """The `n` attention layers of block `kind` at down-order index `idx`, or None."""
+  if kind.startswith("SimpleCrossAttn"):
+    return nnx.List([AddedKVAttention(dim, cfg.attention_head_dim[idx], cfg.cross_attention_dim, cfg,
+                                      only_cross=cfg.only_cross_attention[idx], **kw)
+                     for _ in range(n)])
+  if kind.startswith("CrossAttn"):
+    return nnx.List([_transformer(dim, cfg.attention_head_dim[idx], cfg,
+                                  only_cross=cfg.only_cross_attention[idx], **kw) for _ in range(n)])
+  return None
+
+
+def _transformer(dim: int, heads: int, cfg: UNetConfig, *, only_cross: bool, **kw) -> Transformer2D:
+  if dim % heads:
+    raise ValueError(f"{dim} channels do not split into {heads} heads (attention_head_dim is the "
+                     "head count of CrossAttn blocks)")
+  return Transformer2D(dim, heads, cfg.cross_attention_dim, groups=cfg.norm_num_groups,
+                       only_cross=only_cross, linear_projection=cfg.use_linear_projection, **kw)
+
+
+def _resnets(cins, cout: int, cfg: UNetConfig, *, latent: bool, scale: float | None = None, **kw):
+  # diffusers builds its latent blocks' resnets with output_scale_factor 1 (the mid block with
+  # its own) and no skip_time_act, whatever resnet_out_scale_factor / resnet_skip_time_act say.
+  scale = (1.0 if latent else cfg.resnet_out_scale_factor) if scale is None else scale
+  return nnx.List([ResnetBlock(c, cout, cfg.time_embed_dim, cfg, scale=scale,
+                               skip_time_act=False if latent else None, **kw) for c in cins])
+
+
+def _call(m, *a):
+  return m(*a)
+
+
 class DownBlock(nnx.Module):
   def __init__(self, kind: str, cin: int, cout: int, idx: int, cfg: UNetConfig, *, last: bool, **kw):
-    temb, s = cfg.time_embed_dim, cfg.resnet_out_scale_factor
-    self.resnets = nnx.List([ResnetBlock(cin if i == 0 else cout, cout, temb, cfg, scale=s, **kw)
-                             for i in range(cfg.layers_per_block[idx])])
-    if kind == "SimpleCrossAttnDownBlock2D":
-      self.attentions = nnx.List([
-          AddedKVAttention(cout, cfg.attention_head_dim[idx], cfg.cross_attention_dim, cfg,
-                           only_cross=cfg.only_cross_attention[idx], **kw)
-          for _ in range(cfg.layers_per_block[idx])])
-    else:
-      self.attentions = None
-    self.downsamplers = (None if last else
-                         nnx.List([ResnetBlock(cout, cout, temb, cfg, scale=s, down=True, **kw)]))
+    temb, s, n = cfg.time_embed_dim, cfg.resnet_out_scale_factor, cfg.layers_per_block[idx]
+    latent = kind in LATENT_DOWN_TYPES
+    self.resnets = _resnets([cin] + [cout] * (n - 1), cout, cfg, latent=latent, **kw)
+    self.attentions = _attentions(kind, cout, idx, n, cfg, **kw)
+    self.downsamplers = None if last else nnx.List([
+        Downsample2D(cout, padding=cfg.downsample_padding, **kw) if latent else
+        ResnetBlock(cout, cout, temb, cfg, scale=s, down=True, **kw)])
 
   def __call__(self, x, temb, text, bias, remat=False):
     skips = []
     for i, resnet in enumerate(self.resnets):
-      x = _remat(lambda m, *a: m(*a), remat)(resnet, x, temb)
+      x = _remat(_call, remat)(resnet, x, temb)
       if self.attentions is not None:
-        x = _remat(lambda m, *a: m(*a), remat)(self.attentions[i], x, text, bias)
+        x = _remat(_call, remat)(self.attentions[i], x, text, bias)
       skips.append(x)
     if self.downsamplers is not None:
-      x = _remat(lambda m, *a: m(*a), remat)(self.downsamplers[0], x, temb)
+      x = _remat(_call, remat)(self.downsamplers[0], x, temb)
       skips.append(x)
     return x, skips
 
@@ -376,48 +459,49 @@ class UpBlock(nnx.Module):
     temb, s = cfg.time_embed_dim, cfg.resnet_out_scale_factor
     rev = len(cfg.block_out_channels) - 1 - idx  # per-block lists are given in down order
     n = cfg.layers_per_block[rev] + 1
-    self.resnets = nnx.List([
-        ResnetBlock((cprev if i == 0 else cout) + (cin if i == n - 1 else cout), cout, temb, cfg,
-                    scale=s, **kw) for i in range(n)])
-    if kind == "SimpleCrossAttnUpBlock2D":
-      self.attentions = nnx.List([
-          AddedKVAttention(cout, cfg.attention_head_dim[rev], cfg.cross_attention_dim, cfg,
-                           only_cross=cfg.only_cross_attention[rev], **kw) for _ in range(n)])
-    else:
-      self.attentions = None
-    self.upsamplers = (None if last else
-                       nnx.List([ResnetBlock(cout, cout, temb, cfg, scale=s, up=True, **kw)]))
+    latent = kind in LATENT_UP_TYPES
+    cins = [(cprev if i == 0 else cout) + (cin if i == n - 1 else cout) for i in range(n)]
+    self.resnets = _resnets(cins, cout, cfg, latent=latent, **kw)
+    self.attentions = _attentions(kind, cout, rev, n, cfg, **kw)
+    self.upsamplers = None if last else nnx.List([
+        Upsample2D(cout, **kw) if latent else
+        ResnetBlock(cout, cout, temb, cfg, scale=s, up=True, **kw)])
 
   def __call__(self, x, skips, temb, text, bias, remat=False):
     for i, resnet in enumerate(self.resnets):
       x = jnp.concatenate([x, skips.pop()], axis=-1)
-      x = _remat(lambda m, *a: m(*a), remat)(resnet, x, temb)
+      x = _remat(_call, remat)(resnet, x, temb)
       if self.attentions is not None:
-        x = _remat(lambda m, *a: m(*a), remat)(self.attentions[i], x, text, bias)
+        x = _remat(_call, remat)(self.attentions[i], x, text, bias)
     if self.upsamplers is not None:
-      x = _remat(lambda m, *a: m(*a), remat)(self.upsamplers[0], x, temb)
+      x = _remat(_call, remat)(self.upsamplers[0], x, temb)
     return x
 
 
 class MidBlock(nnx.Module):
+  """UNetMidBlock2DSimpleCrossAttn (IF) or UNetMidBlock2DCrossAttn: resnet, attention, resnet."""
+
   def __init__(self, c: int, cfg: UNetConfig, **kw):
-    temb, s = cfg.time_embed_dim, cfg.mid_block_scale_factor
-    self.resnets = nnx.List([ResnetBlock(c, c, temb, cfg, scale=s, **kw) for _ in range(2)])
+    latent, heads = cfg.mid_block_type == "UNetMidBlock2DCrossAttn", cfg.attention_head_dim[-1]
+    self.resnets = _resnets([c, c], c, cfg, latent=latent, scale=cfg.mid_block_scale_factor, **kw)
     self.attentions = nnx.List([
-        AddedKVAttention(c, cfg.attention_head_dim[-1], cfg.cross_attention_dim, cfg,
+        _transformer(c, heads, cfg, only_cross=False, **kw) if latent else
+        AddedKVAttention(c, heads, cfg.cross_attention_dim, cfg,
                          only_cross=cfg.mid_block_only_cross_attention, **kw)])
 
   def __call__(self, x, temb, text, bias, remat=False):
-    x = _remat(lambda m, *a: m(*a), remat)(self.resnets[0], x, temb)
-    x = _remat(lambda m, *a: m(*a), remat)(self.attentions[0], x, text, bias)
-    return _remat(lambda m, *a: m(*a), remat)(self.resnets[1], x, temb)
+    x = _remat(_call, remat)(self.resnets[0], x, temb)
+    x = _remat(_call, remat)(self.attentions[0], x, text, bias)
+    return _remat(_call, remat)(self.resnets[1], x, temb)
 
 
 class UNet(nnx.Module):
   """`unet(sample_nhwc, timesteps, encoder_hidden_states, attention_mask=None, class_labels=None)`.
 
-  `timesteps` and `class_labels` may be fractional (continuous augmentation
-  levels); `attention_mask` is the [B, L] text mask (1 = token, 0 = padding).
+  `timesteps` and the class labels of `class_embed_type='timestep'` may be
+  fractional (continuous augmentation levels); a `num_class_embeds` table (the
+  x4 upscaler's noise level) takes integer labels. `attention_mask` is the
+  [B, L] text mask (1 = token, 0 = padding).
   """
 
   def __init__(self, cfg: UNetConfig, *, rngs: Rngs = None, dtype=None,
@@ -431,8 +515,11 @@ class UNet(nnx.Module):
     self.time_embedding = TimestepEmbedding(ch[0], cfg.time_embed_dim, cfg.act_fn, **kw)
     self.encoder_hid_proj = (Dense(cfg.encoder_hid_dim, cfg.cross_attention_dim, axes=("embed", "mlp"), **kw)
                              if cfg.encoder_hid_dim else None)
-    self.class_embedding = (TimestepEmbedding(ch[0], cfg.time_embed_dim, cfg.act_fn, **kw)
-                            if cfg.class_embed_type == "timestep" else None)
+    self.class_embedding = (
+        TimestepEmbedding(ch[0], cfg.time_embed_dim, cfg.act_fn, **kw)
+        if cfg.class_embed_type == "timestep" else
+        Embed(cfg.num_class_embeds, cfg.time_embed_dim, axes=("vocab", "embed"), **kw)
+        if cfg.num_class_embeds else None)
     self.add_embedding = (TextTimeEmbedding(cfg.encoder_hid_dim or cfg.cross_attention_dim,
                                             cfg.time_embed_dim, cfg.addition_embed_type_num_heads, **kw)
                           if cfg.addition_embed_type == "text" else None)
@@ -461,11 +548,15 @@ class UNet(nnx.Module):
         timestep_embedding(t, ch0, cfg.flip_sin_to_cos, cfg.freq_shift).astype(dtype))
     if self.class_embedding is not None:
       if class_labels is None:
-        raise ValueError("this UNet has class_embed_type='timestep' (an SR stage): pass class_labels, "
-                         "the noise augmentation level on the 0..1000 scale")
-      c = jnp.broadcast_to(jnp.asarray(class_labels, jnp.float32), (b,))
-      temb = temb + self.class_embedding(
-          timestep_embedding(c, ch0, cfg.flip_sin_to_cos, cfg.freq_shift).astype(dtype))
+        raise ValueError("this UNet embeds class labels (an SR stage): pass class_labels, the noise "
+                         "augmentation level (0..1000; integer for a num_class_embeds table)")
+      if isinstance(self.class_embedding, Embed):
+        ids = jnp.broadcast_to(jnp.asarray(class_labels).astype(jnp.int32), (b,))
+        temb = temb + self.class_embedding(ids).astype(dtype)
+      else:
+        c = jnp.broadcast_to(jnp.asarray(class_labels, jnp.float32), (b,))
+        temb = temb + self.class_embedding(
+            timestep_embedding(c, ch0, cfg.flip_sin_to_cos, cfg.freq_shift).astype(dtype))
     text = encoder_hidden_states.astype(dtype)
     if self.add_embedding is not None:
       temb = temb + self.add_embedding(text)

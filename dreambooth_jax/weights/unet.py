@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 from etils import epath
 
-from dreambooth_jax.models.unet import DOWN_TYPES, UNet, UNetConfig, abstract_unet
+from dreambooth_jax.models.unet import IF_DOWN_TYPES, UNet, UNetConfig, abstract_unet
 from dreambooth_jax.weights import safetensors_io, torch_layout
 from dreambooth_jax.weights.safetensors_io import WeightsError
 
@@ -83,7 +83,7 @@ def describe_unet_config(d: Mapping[str, Any]) -> tuple[str, str]:
         "Stable Diffusion's x4 upscaler UNet (stabilityai/stable-diffusion-x4-upscaler: a latent "
         f"UNet with in_channels 7 = 4 latent + 3 low-res image channels, num_class_embeds "
         f"{d.get('num_class_embeds')} for the noise level, {_blocks(down)}, text of width {cross})")
-  if down and all(t in DOWN_TYPES for t in down):
+  if down and all(t in IF_DOWN_TYPES for t in down):
     if cin == 3 and ctype is None:
       return "base", ("a DeepFloyd IF stage-I base UNet (pixel space, in_channels 3, no class "
                       "embedding)")
