@@ -63,6 +63,30 @@ def sample(cascade_dir: str, captions: list[str], seed: int, sampler: str = "",
                                batch_size=len(captions), mesh=mesh)
 
 
+def text_sensitivity(cascade_dir: str, captions: list[str], seed: int,
+                     timesteps=(100, 500, 900)) -> dict[int, float]:
+  """How much the caption moves the base UNet: mean over captions of
+  |eps(x_t, caption) - eps(x_t, "")| / |eps(x_t, "")| on one random x_t per caption, at
+  each t. A cascade whose samples ignore their captions shows it here first."""
+  config = world_config.get_config(f"cascade={cascade_dir}")
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+  models = pipeline.build(config, mesh)
+  e, m = embeddings.encode_prompts(models.load_t5(), models.tokenizer, captions + [""])
+  stage = models.cascade.stages[0]
+  n, r = len(captions), stage.settings.resolution
+  x = jax.random.normal(jax.random.key(seed), (n, r, r, 3))
+  cond = {"text": e[:-1], "mask": m[:-1]}
+  uncond = {"text": jax.numpy.repeat(e[-1:], n, 0), "mask": jax.numpy.repeat(m[-1:], n, 0)}
+  # Weights and x_t are arguments, not closed-over constants XLA would try to fold.
+  eps = jax.jit(lambda p, x, c, t: stage.apply(p, x, jax.numpy.full((n,), t), c)[..., :3])
+  out = {}
+  for t in timesteps:
+    a, b = (np.asarray(eps(stage.params, x, c, t)) for c in (cond, uncond))
+    out[t] = float(np.mean(np.linalg.norm((a - b).reshape(n, -1), axis=1)
+                           / np.linalg.norm(b.reshape(n, -1), axis=1)))
+  return out
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--cascade", action="append", required=True,
@@ -71,6 +95,8 @@ def main(argv=None):
   p.add_argument("--seed", type=int, default=0, help="the sampling noise, shared by every cascade")
   p.add_argument("--sampler", default="", help="instead of configs/world.py's (dpmpp_2m), e.g. ddpm")
   p.add_argument("--steps", type=int, default=0, help="instead of configs/world.py's (20)")
+  p.add_argument("--sensitivity", action="store_true",
+                 help="also print how much the caption moves the base UNet's epsilon (cond vs \"\")")
   p.add_argument("--grid", default=None, help="also save the first 8 samples of each cascade here")
   args = p.parse_args(argv)
 
@@ -95,6 +121,12 @@ def main(argv=None):
   print("| --- | --- | " + " | ".join("---" for _ in LABELS) + " |")
   for name, what, acc in rows:
     print(f"| {name} | {what} | " + " | ".join(f"{acc[k]:.2f}" for k in LABELS) + " |")
+  if args.sensitivity:
+    print("\n| cascade | " + " | ".join(f"|eps(c) - eps('')| / |eps('')| at t={t}" for t in (100, 500, 900))
+          + " |\n| --- |" + " --- |" * 3)
+    for folder in args.cascade:
+      sens = text_sensitivity(folder, captions[:16], args.seed)
+      print(f"| {folder} | " + " | ".join(f"{v:.4f}" for v in sens.values()) + " |")
   if args.grid:
     grids.save_grid(args.grid, grid)
     print(f"\nsamples: {args.grid}")

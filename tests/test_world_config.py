@@ -59,3 +59,8 @@ def test_pretrain_export_is_what_the_world_config_loads(tmp_path):
   print(f"score: {time.time() - t0:.1f} s")
   assert [r[1] for r in rows] == ["-", "64 px", "32 px", "base 32 px", "sr256 64 px"]
   assert all(0.0 <= v <= 1.0 for r in rows for v in r[2].values())
+  # The text-sensitivity probe: the caption moves even an untrained UNet's epsilon (by
+  # about its own size: nothing has taught it to ignore the text yet).
+  moved = score_world_cascade.text_sensitivity(str(out), ["a red ball", "a box at night"], 0, (500,))
+  print(f"text sensitivity at t=500: {moved[500]:.4f}")
+  assert moved.keys() == {500} and 0.0 < moved[500] < 10.0
