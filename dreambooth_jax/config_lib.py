@@ -91,11 +91,18 @@ def from_file(spec: str, *, relative_to: str | None = None) -> ml_collections.Co
     path = os.path.join(relative_to, path)
   if not os.path.isfile(path):
     raise ConfigError(f"config file {path!r} does not exist (from {spec!r})")
+  return load_module(path).get_config(arg or None)
+
+
+def load_module(path):
+  """A config file as a module (its tables, e.g. configs/world.py's CLASS_NOUNS), whatever
+  the working folder: configs/ is not a package."""
+  path = str(path)
   module_spec = importlib.util.spec_from_file_location(
       "config_" + os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+  return module
 
 
 def get(config: ml_collections.ConfigDict, dotted: str, default: Any = None) -> Any:

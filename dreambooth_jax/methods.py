@@ -156,15 +156,17 @@ def optimizer_per_group(spec: str, groups) -> dict[str, str]:
   return {g: table.get(g, "adamw") for g in groups}
 
 
-def optimizer(config, params, phase: Phase) -> optax.GradientTransformation:
+def optimizer(config, params, phase: Phase, *, clip_by=optax.clip_by_global_norm
+              ) -> optax.GradientTransformation:
   """`config.train.optimizer` with clipping and the phase's schedule; UNet params outside
   `config.train.trainable` stay fixed (learned token rows always learn). With one
   optimizer the global norm is clipped over every trained param; with several, over
-  each optimizer's params (stages are independent models)."""
+  each optimizer's params (stages are independent models). `clip_by(max_norm)` is the
+  clipping transform (many-subject jobs clip each subject's slice by its own norm)."""
   t = config.train
   lr = learning_rate(config, phase)
   names = optimizer_per_group(t.get("optimizer", "adamw"), params)  # old configs: AdamW
-  clip = lambda: optax.clip_by_global_norm(t.grad_clip) if t.grad_clip else optax.identity()
+  clip = lambda: clip_by(t.grad_clip) if t.grad_clip else optax.identity()
   mask = trainable_mask(params, t.trainable)
   for key in (TOKENS, lora_lib.TEXT):  # token rows and T5's adapters always learn
     if key in params:
@@ -229,7 +231,7 @@ def global_norm(tree) -> jax.Array:
 
 
 def make_train_step(stages: Mapping[str, cascade_lib.Stage], tx: optax.GradientTransformation,
-                    prior_weight: float, *, t5_graphdef=None, text=None):
+                    prior_weight: float, *, t5_graphdef=None, text=None, loss=None):
   """`train_step(state, batch, frozen={}) -> (state, metrics)`, pure; jit it with shardings
   and donation of `state`.
 
@@ -241,8 +243,12 @@ def make_train_step(stages: Mapping[str, cascade_lib.Stage], tx: optax.GradientT
   With `text` (a `lora.LoRAText`) T5's adapters learn in `params["text_encoder"]`
   on `frozen["t5"]`, and the instance and class prompts are token ids, encoded in
   the step by the adapted T5 (with the token rows, learned or fixed, if any).
-  `batch` leaves have a leading micro-batch axis (gradient accumulation).
+  `batch` leaves have a leading micro-batch axis (gradient accumulation). `loss` replaces
+  `dreambooth_loss` (same signature and return), e.g. the sum over subjects of
+  `train_many`'s one-step-many-subjects job.
   """
+  loss = dreambooth_loss if loss is None else loss
+
   def encoder(params, frozen, rng):
     if text is not None and lora_lib.TEXT in params:
       return text.bind(frozen["t5"], params[lora_lib.TEXT], jax.random.fold_in(rng, 104729)).module()
@@ -261,7 +267,7 @@ def make_train_step(stages: Mapping[str, cascade_lib.Stage], tx: optax.GradientT
       for k in ids:
         emb = encode_with_learned(t5, rows, text[k]["input_ids"], text[k]["mask"])
         text[k] = {"text": emb.astype(jnp.float32), "mask": text[k]["mask"]}
-    return dreambooth_loss(stages, every, dict(micro, text=text), rng, prior_weight)
+    return loss(stages, every, dict(micro, text=text), rng, prior_weight)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 

@@ -50,12 +50,7 @@ TrainError = state_lib.TrainError
 def run(config, workdir):
   """The whole job; importable (tests, notebooks) as `train.run(config, workdir)`."""
   # == Setup: distributed, mesh, workdir ==========================================
-  d = config.distributed
-  if d.initialize:
-    jax.distributed.initialize(coordinator_address=d.coordinator_address or None,
-                               num_processes=d.num_processes or None, process_id=d.process_id,
-                               local_device_ids=[int(x) for x in d.local_device_ids.split(",")]
-                               if d.local_device_ids else None)
+  initialize_distributed(config)
   tuned = config_lib.parse_stages(config.stages)
   mesh, rules = sharding.make_mesh(dict(config.mesh)), pipeline.rules_of(config)
   all_phases = methods.phases(config)
@@ -265,25 +260,17 @@ def run(config, workdir):
       if step == start_step:
         print(f"first step done {time.perf_counter() - started:.1f} s after start "
               f"(compilation cache: {cache or 'off'})", flush=True)
-      if not metrics["finite"]:
-        ckpt.wait()
-        raise TrainError(f"non-finite loss or gradients at step {step + 1} (loss={metrics['loss']}); "
-                         f"the update was not applied and the last good checkpoint (step "
-                         f"{ckpt.latest_step()}) in {workdir} is intact. Lower config.train.lr or "
-                         "check the subject images.")
       done = step + 1
-      progress.update(metrics)
-      if done % config.log.every == 0 or done == phase.end:
-        writer.write(done, metrics)
-      if done % config.checkpoint.every == 0 or done == phase.end:
-        ckpt.save(done, state, dict(step=done, identifier=identifier.text, phase=phase.name))
+      record_step(config, done, phase.end, state, metrics, ckpt=ckpt, writer=writer,
+                  progress=progress, workdir=workdir, what=f"loss={metrics['loss']}",
+                  metadata=dict(step=done, identifier=identifier.text, phase=phase.name))
       if config.log.sample_every and (done % config.log.sample_every == 0 or done == t.steps):
         write_samples(ps, state, done)
   progress.close()
   ckpt.wait()
 
   # == Export what was learned: tuned UNets in diffusers format, token rows ============
-  params = _to_host(state["params"])
+  params = to_host(state["params"])
   rows = state_lib.learned_rows(state)
   if lead:
     info = dict(identifier=identifier.text, class_noun=config.subject.class_noun,
@@ -306,7 +293,34 @@ def run(config, workdir):
   return state
 
 
-def _to_host(tree):
+def record_step(config, done: int, end: int, state, metrics, *, ckpt, writer, progress, workdir,
+                what: str, metadata: dict, fix: str = "check the subject images") -> None:
+  """After step `done`: stop on a non-finite update (`what` says which loss; the last good
+  checkpoint stays intact), else progress, the metrics every config.log.every steps and a
+  checkpoint every config.checkpoint.every, both at the phase's `end` too."""
+  if not metrics["finite"]:
+    ckpt.wait()
+    raise TrainError(f"non-finite loss or gradients at step {done} ({what}); the update was not "
+                     f"applied and the last good checkpoint (step {ckpt.latest_step()}) in "
+                     f"{workdir} is intact. Lower config.train.lr or {fix}.")
+  progress.update(metrics)
+  if done % config.log.every == 0 or done == end:
+    writer.write(done, metrics)
+  if done % config.checkpoint.every == 0 or done == end:
+    ckpt.save(done, state, metadata)
+
+
+def initialize_distributed(config) -> None:
+  """`jax.distributed.initialize` as `config.distributed` asks (multi-host jobs), else nothing."""
+  d = config.distributed
+  if d.initialize:
+    jax.distributed.initialize(coordinator_address=d.coordinator_address or None,
+                               num_processes=d.num_processes or None, process_id=d.process_id,
+                               local_device_ids=[int(x) for x in d.local_device_ids.split(",")]
+                               if d.local_device_ids else None)
+
+
+def to_host(tree):
   """Host numpy copies of a sharded pytree, one leaf at a time: a leaf is whole on a
   device only while it is gathered (multi-host), never the whole tree."""
   if jax.process_count() == 1:

@@ -1,0 +1,231 @@
+r"""Many subjects, one job: `python -m dreambooth_jax.train_many --config=... --workdir=...`.
+
+  python -m dreambooth_jax.train_many --config=configs/dreambooth_benchmark.py:tiny,runlocal \
+    --workdir=workdirs/tiny_all
+
+`dreambooth_jax.train` for a list of subjects (`config.subjects`), each with its
+own identifier, class noun, photos and LoRA adapters, trained by ONE jitted step
+on one frozen cascade (see dreambooth_jax/subjects.py for why each subject's
+adapters then equal its lone run's). One readable `run()` in train.py's
+sections: config -> mesh -> every subject folder (validated before anything
+expensive) -> identifiers and prompts -> text embeddings (T5 once, cached) ->
+class priors (one cache per distinct class prompt, shared by the subjects of that
+class) -> state (resume: workdir checkpoint, else the adapters' initial draw) ->
+jitted sharded step -> checkpoints, metrics -> per subject, a lone run's export.
+
+Workdir: checkpoints/ (the joint state), class_priors/<class prompt>/,
+prompt_embeddings/, metrics.jsonl, export/<subject>/ (the diffusers LoRA folders
+and dreambooth.json a lone run writes in its export/), and subjects/<subject>/: a
+lone run's workdir (its config, identifier and final checkpoint), which
+`python -m dreambooth_jax.sample --workdir=.../subjects/<subject>` samples.
+The job draws no sample grids.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+
+from absl import app, flags, logging
+
+import jax
+import numpy as np
+
+from dreambooth_jax import checkpoint as checkpoint_lib
+from dreambooth_jax import config_lib, data, embeddings, methods, metrics_writer
+from dreambooth_jax import lora as lora_lib
+from dreambooth_jax import pipeline, priors, sharding, state as state_lib
+from dreambooth_jax import subjects as subjects_lib
+from dreambooth_jax import train as train_lib
+from dreambooth_jax import prompts as prompts_lib
+from dreambooth_jax import utils
+
+
+TrainError = state_lib.TrainError
+
+
+def _slug(prompt: str) -> str:
+  return re.sub(r"[^A-Za-z0-9]+", "_", prompt).strip("_") or "empty"
+
+
+def run(config, workdir):
+  """The whole job; importable as `train_many.run(config, workdir)`; returns the joint state."""
+  # == Setup: distributed, mesh, workdir ==========================================
+  train_lib.initialize_distributed(config)
+  subjects_lib.check_config(config)
+  tuned = config_lib.parse_stages(config.stages)
+  mesh, rules = sharding.make_mesh(dict(config.mesh)), pipeline.rules_of(config)
+  (phase,) = methods.phases(config)
+  lead = jax.process_index() == 0
+  workdir = utils.workdir(workdir)
+  t = config.train
+  started = time.perf_counter()
+  cache = utils.compilation_cache(config.get("compilation_cache", ""))
+  logging.info("compilation cache: %s", cache or "off")
+
+  # == Input checks before any expensive work: every subject folder ==================
+  pipeline.check_pretrained_folders(config)
+  subjects = subjects_lib.from_config(config)
+  names = [s.name for s in subjects]
+  resolutions = {s: config.cascade[s].resolution for s in tuned}
+  photos = subjects_lib.load_all(subjects, resolutions,
+                                 min_size=min(config.subject.min_size, max(resolutions.values())))
+  print(f"{len(subjects)} subjects: " + ", ".join(f"{n} ({len(photos[n].paths)} images)"
+                                                 for n in names), flush=True)
+  if lead:
+    config_lib.save(config, workdir / "config.json")
+
+  # == Models, identifiers, prompts ===================================================
+  models = pipeline.build(config, mesh)
+  tok = models.tokenizer
+  folders = {n: workdir / "subjects" / n for n in names}  # each a lone run's workdir
+  for folder in folders.values():
+    folder.mkdir(parents=True, exist_ok=True)
+  idents = subjects_lib.resolve_identifiers(config, tok, subjects, folders)
+  lone = {s.name: subjects_lib.lone_config(config, s, idents[s.name].text) for s in subjects}
+  prompts = {n: prompts_lib.instance_and_class(lone[n], idents[n]) for n in names}
+  for n in names:
+    print(f"  {n}: identifier {idents[n].text!r} ({idents[n].source}); instance prompt "
+          f"{prompts[n][0]!r}, class prompt {prompts[n][1]!r}", flush=True)
+
+  # == Text embeddings: T5 once, cached, for every subject's prompts ===================
+  wanted = [p for n in names for p in prompts[n]] + [""]
+  table = models.encode(list(dict.fromkeys(wanted)), workdir / "prompt_embeddings")
+  emb = lambda ps: embeddings.stack_embeddings(table, ps)
+
+  # == Class priors: one cache per distinct class prompt ==============================
+  prior_images = {}
+  if phase.prior:
+    upto = [s.name for s in models.cascade.stages if s.name in tuned][-1]
+    for class_prompt in dict.fromkeys(prompts[n][1] for n in names):
+      spec = priors.PriorSpec.from_cascade(
+          models.cascade, class_prompt, config.prior.num_images, upto=upto,
+          fingerprint=models.weights_fingerprint, seed=config.prior.seed,
+          batch_size=config.prior.batch_size)
+      images = priors.ensure_priors(models.cascade, spec, emb([class_prompt]), emb([""]),
+                                    workdir / "class_priors" / _slug(class_prompt), mesh=mesh,
+                                    process_index=jax.process_index(),
+                                    process_count=jax.process_count())
+      prior_images[class_prompt] = {s: data.to_model_range(images[s]) for s in tuned}
+
+  # == State: resume from the workdir, else every subject from the lone run's start ====
+  ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.checkpoint.keep,
+                                     async_save=config.checkpoint.async_save)
+  settings = lora_lib.settings(config)
+  joint = {n: lora_lib.LoRAStage(models.cascade.by_name[n], settings, subjects=len(subjects))
+           for n in tuned}
+  tx, abstract = state_lib.abstract_state(
+      joint, lambda params: subjects_lib.optimizer(config, params, phase), phase, num_tokens=0,
+      token_width=models.t5_width)
+  ps = state_lib.PhaseSetup(phase, joint, tx, abstract,
+                            state_lib.state_shardings(abstract, mesh, rules))
+  start = ckpt.latest_step()
+  if start is not None:
+    stored = ckpt.restore_metadata(start).get("subjects")
+    if stored != names:
+      raise TrainError(f"{workdir} holds a job over subjects {stored}, not {names}; use a new "
+                       "--workdir (the subject axis of its adapters is that list)")
+    state = state_lib.restore_state(ckpt, start, ps.abstract, ps.shardings)
+    print(f"resumed from {workdir} at step {start}", flush=True)
+  else:
+    state = state_lib.initial_state(joint, tx, phase, ps.shardings, step=0,
+                                    rng=jax.random.key(config.seed))
+
+  # == The step and its batches ========================================================
+  frozen = {n: s.base_params for n, s in joint.items()}  # the adapters' shared frozen UNets
+  frozen_sh = {n: sharding.param_shardings(v, mesh, rules) for n, v in frozen.items()}
+  frozen = jax.device_put(frozen, frozen_sh)
+  step_fn = jax.jit(methods.make_train_step(joint, tx, config.prior.weight,
+                                            loss=subjects_lib.joint_loss(names)),
+                    in_shardings=(ps.shardings, None, frozen_sh),
+                    out_shardings=(ps.shardings, None), donate_argnums=(0,))
+  prior_n = t.prior_batch_size if phase.prior else 0
+  _, layout = subjects_lib.batch_layout(mesh, resolutions, num_subjects=len(names),
+                                        batch_size=t.batch_size, prior_batch_size=prior_n,
+                                        grad_accum=t.grad_accum, text_width=models.t5_width)
+  text = {k: {f: np.stack([emb([prompts[n][i]])[f] for n in names]) for f in ("text", "mask")}
+          for i, k in enumerate(("instance", "class"))}  # [S, 1, L(, D)]
+  text = jax.tree.map(lambda x: np.broadcast_to(x, (t.grad_accum,) + x.shape), text)
+
+  def make_batch(step: int):
+    """Step `step`'s images: each subject's batch as its lone run draws it (same seeds),
+    its class's prior images; the whole global batch on every host (it is small)."""
+    batch = {n: {"instance": [], "prior": []} for n in tuned}
+    for k in range(t.grad_accum):
+      micro = step * t.grad_accum + k
+      idx = (data.batch_indices(config.prior.seed, micro, prior_n, config.prior.num_images)[0]
+             if prior_n else None)
+      inst = [photos[n].batch(config.seed, micro, t.batch_size, flip=config.subject.flip)
+              for n in names]
+      for stage in tuned:
+        batch[stage]["instance"].append(np.stack([x[stage] for x in inst]))
+        if idx is not None:
+          batch[stage]["prior"].append(np.stack([prior_images[prompts[n][1]][stage][idx]
+                                                 for n in names]))
+    host = {n: {k: np.stack(v) for k, v in batch[n].items() if v} for n in tuned}
+    host["text"] = text
+    return jax.tree.map(state_lib.put_global, host, layout)
+
+  # == Train ===========================================================================
+  writer = metrics_writer.MetricsWriter(workdir, tensorboard=config.log.tensorboard and lead)
+  progress = utils.StepProgress(int(state["step"]), t.steps, disable=not lead)
+  start_step = int(state["step"])
+  for step in range(start_step, phase.end):
+    with jax.set_mesh(mesh):
+      state, metrics = step_fn(state, make_batch(step), frozen)
+    metrics = jax.device_get(metrics)
+    if step == start_step:
+      print(f"first step done {time.perf_counter() - started:.1f} s after start", flush=True)
+    done = step + 1
+    bad = [n for n in names if not np.isfinite(metrics[f"subject/{n}/loss"])]
+    train_lib.record_step(config, done, phase.end, state, metrics, ckpt=ckpt, writer=writer,
+                          progress=progress, workdir=workdir,
+                          what=f"subjects: {', '.join(bad) or 'loss finite, gradients not'}",
+                          metadata=dict(step=done, phase=phase.name, subjects=names),
+                          fix="check those subjects' images")
+  progress.close()
+  ckpt.wait()
+
+  # == Per subject: a lone run's workdir (config, identifier, checkpoint) and export ====
+  done = int(state["step"])
+  lone_stages = {n: lora_lib.LoRAStage(models.cascade.by_name[n], settings) for n in tuned}
+  lone_abstract = state_lib.setup(lone[names[0]], lone_stages, phase, mesh, rules, num_tokens=0,
+                                  token_width=models.t5_width).abstract  # the same for all
+  for i, s in enumerate(subjects):
+    c = lone[s.name]
+    own = subjects_lib.subject_state(state, lone_abstract, i)
+    with checkpoint_lib.Checkpointer(folders[s.name], keep=1, async_save=False) as own_ckpt:
+      if done not in own_ckpt.all_steps():  # a rerun of a finished job: already there
+        own_ckpt.save(done, own, dict(step=done, identifier=idents[s.name].text, phase=phase.name))
+    own_params = train_lib.to_host(own["params"])  # every process: a gather, multi-host
+    if lead:
+      config_lib.save(c, folders[s.name] / "config.json")
+      export = utils.absolute(workdir) / "export" / s.name
+      info = dict(identifier=idents[s.name].text, class_noun=s.class_noun,
+                  instance_prompt=prompts[s.name][0], class_prompt=prompts[s.name][1],
+                  method=config.method, stages=list(tuned), prompt_preprocessing=tok.preprocess,
+                  unet_text_mask=bool(config.model.unet_text_mask), steps=done,
+                  config=json.loads(config_lib.to_json(c)))
+      info.update(lora_lib.export_all(export, lone_stages, own_params))
+      utils.write_json(export / checkpoint_lib.EXPORT_INFO, info, indent=2, default=str)
+  writer.close()
+  print(f"done: {done} steps of {len(names)} subjects; export/<subject>/ and subjects/<subject>/ "
+        f"in {workdir}", flush=True)
+  return state
+
+
+def main(argv=None):
+  del argv
+  # --config and --workdir are train.py's flags (absl flags are process-wide; importing
+  # train defined them).
+  config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+  if config is None:
+    raise config_lib.ConfigError("pass --config=configs/dreambooth_benchmark.py[:variant]")
+  return run(config, workdir or os.path.join("workdirs", "dreambooth_many"))
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(lambda argv: utils.run_cli(main, argv), flags_parser=train_lib.parse_flags)
