@@ -13,11 +13,15 @@ XXL first; see the README):
     --config.pretrained.stage_1=IF-I-XL-v1.0 --config.pretrained.stage_2=IF-II-L-v1.0 \
     --config.pretrained.t5=IF-I-XL-v1.0/text_encoder --config.pretrained.tokenizer=IF-I-XL-v1.0/tokenizer
 
+Add `--config.pretrained.stage_3=stable-diffusion-x4-upscaler` (the download folder) for
+1024 px samples: DeepFloyd's public stage III, run frozen after the tuned stages.
+
 Arguments after ':' (comma-separated): a variant (`tiny` or `if`),
 `method=dreambooth|textual_inversion|ti_then_finetune` (each with its paper's
 schedule), `stages=base+sr256` (which stages to fine-tune, or whose loss
 textual inversion uses; the others run frozen), `steps=N`, `runlocal` (tiny
-sizes for a smoke run of any variant). E.g. the two-stage method of Zeng et al.:
+sizes for a smoke run of any variant), `stage3` (the tiny cascade gets a tiny x4 upscaler
+as its third stage). E.g. the two-stage method of Zeng et al.:
 
   python -m dreambooth_jax.train --config=configs/imagen_dog.py:method=ti_then_finetune \
     --workdir=workdirs/dog_two_stage
@@ -38,7 +42,7 @@ def _stage(resolution, guidance, steps, *, sample_aug=0.25, train_aug=1e-5):
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, variant="tiny", method="dreambooth", stages="base+sr256",
-                             steps=-1, lora=0, runlocal=False)
+                             steps=-1, lora=0, runlocal=False, stage3=False)
   if arg.variant not in ("tiny", "if"):
     raise config_lib.ConfigError(f"variant {arg.variant!r}: use 'tiny' or 'if'")
   methods = ("dreambooth", "textual_inversion", "ti_then_finetune")
@@ -96,7 +100,7 @@ def get_config(arg=None):
   c.pretrained = dict(
       stage_1="",   # IF-I folder (with unet/ [+ scheduler/]) or its unet/ folder
       stage_2="",   # IF-II folder (with unet/ [+ scheduler/])
-      stage_3="",   # a 256->1024 UNet of ours (diffusers folder); none is public
+      stage_3="",   # stabilityai/stable-diffusion-x4-upscaler download (or an IF-style SR UNet)
       t5="",        # T5 v1.1 XXL encoder folder (config.json + safetensors)
       tokenizer="",  # folder with spiece.model
   )
@@ -112,6 +116,16 @@ def get_config(arg=None):
       sr256=_stage(64 if tiny else 256, 4.0, 10 if tiny else 50),
       sr1024=_stage(128 if tiny else 1024, 4.0, 10 if tiny else 50),
   )
+  # Stage III, 256 -> 1024: DeepFloyd's public one is Stable Diffusion's x4 latent upscaler
+  # (pretrained.stage_3), sampled as its pipeline does (DDIM, 75 steps, guidance 9) at
+  # noise_level 100 (aug 0.1), as IF's docs call it; fine-tuning it is not implemented.
+  # `:stage3` gives the tiny cascade a tiny random one (64 -> 256 px). It is opt-in: a
+  # third stage to compile would slow every tiny run and test. (Tiny `stages=...+sr1024`
+  # without it tunes a 128 px IF-style pixel stage.)
+  c.tiny.x4_upscaler = tiny and arg.stage3
+  if not tiny or arg.stage3:
+    c.cascade.sr1024 = _stage(256 if tiny else 1024, 9.0, 10 if tiny else 75, sample_aug=0.1)
+    c.cascade.sr1024.sampler = "ddim"
 
   # -- LoRA: low-rank adapters as the only trainable UNet state (rank 0 = full fine-tuning) --
   # `:lora=16` turns it on; attention projections as diffusers' IF LoRA recipe; the frozen

@@ -16,12 +16,17 @@ the augmentation level as `class_labels` on IF's 0..1000 scale, a float:
 
 Conditioning pytrees are dicts `{"text": [B, L, D], "mask": [B, L]}`; a stage
 adds `lowres` and `aug` itself.
+
+DeepFloyd's public stage III, Stable Diffusion's x4 latent upscaler, is a Stage
+subclass (`dreambooth_jax.upscaler.LatentUpscaleStage`) with a text encoder of its
+own: `Cascade.sample` hands it the prompt texts instead of T5's embeddings.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from typing import Any, Callable, Mapping, Sequence
 
@@ -98,7 +103,12 @@ class Stage:
     self.prediction_type = scheduler_config.get("prediction_type", "epsilon")
     self.lowres_resolution = lowres_resolution
     self.noising_schedule = diffusion.DiscreteSchedule.from_config(noising_config)
-    cfg = unet.cfg
+    self._check_unet(unet.cfg)
+
+  def _check_unet(self, cfg) -> None:
+    """Sets `channels` (of what is diffused) and `learned_variance`; refuses a UNet that
+    cannot be this kind of stage (a latent stage overrides it)."""
+    name = self.name
     self.channels = cfg.in_channels // 2 if self.is_sr else cfg.in_channels
     self.learned_variance = cfg.out_channels == 2 * self.channels
     if self.is_sr and cfg.class_embed_type != "timestep":
@@ -218,7 +228,7 @@ def to_uint8(images: Array) -> np.ndarray:
   return (x * 255).round().astype(np.uint8)
 
 
-def _broadcast_cond(emb: Mapping[str, Array], batch: int) -> dict:
+def broadcast_cond(emb: Mapping[str, Array], batch: int) -> dict:
   """Repeats a single prompt's (text, mask) over the batch; leaves batch-sized ones."""
   out = {}
   for k, v in emb.items():
@@ -253,22 +263,38 @@ class Cascade:
              guidance_scale: Mapping[str, float] | None = None,
              num_steps: Mapping[str, int] | None = None,
              aug_level: Mapping[str, float] | None = None, mesh=None,
-             as_uint8: bool = True) -> dict[str, Any]:
+             as_uint8: bool = True, prompts: str | Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the cascade; returns {stage name: images} for every stage run.
 
     prompt_embeddings / uncond_embeddings: {"text": [B or 1, L, D], "mask": [B or 1, L]};
       uncond (the empty prompt) enables classifier-free guidance.
     params: {stage: params} overriding the built-in ones (e.g. fine-tuned).
     upto: last stage to run (default all). Per-stage dicts override settings.
+    prompts: the prompt texts (one, or one per image), for stages with a text encoder
+      of their own (`own_text_encoder`: the x4 upscaler's CLIP; negative prompt "").
+      Without them the cascade ends before such a stage (naming it in `upto` raises):
+      callers that hold only T5 embeddings (class priors, training previews) keep
+      the IF stages they had.
     Deterministic for a given rng: stage i uses fold_in(rng, i).
     """
     params = dict(params or {})  # stages not given run their own params, loaded on use
     b = batch_size or int(jnp.asarray(prompt_embeddings["text"]).shape[0])
-    cond = _broadcast_cond(prompt_embeddings, b)
-    uncond = _broadcast_cond(uncond_embeddings, b) if uncond_embeddings is not None else None
+    cond = broadcast_cond(prompt_embeddings, b)
+    uncond = broadcast_cond(uncond_embeddings, b) if uncond_embeddings is not None else None
     out, lowres = {}, None
     for i, stage in enumerate(self.stages):
-      x = stage.sample(params[stage.name] if stage.name in params else stage.params, cond, uncond, jax.random.fold_in(rng, i), lowres=lowres,
+      stage_cond, stage_uncond = cond, uncond
+      if getattr(stage, "own_text_encoder", False):
+        if prompts is None:
+          if stage.name == upto:
+            raise ValueError(f"stage {stage.name!r} encodes the prompt with its own text encoder: "
+                             "pass prompts= (the texts) to Cascade.sample")
+          logging.info("cascade ends before stage %r: it needs the prompt texts (prompts=)",
+                       stage.name)
+          break
+        stage_cond, stage_uncond = stage.embed_pair(prompts, b, guided=uncond is not None)
+      x = stage.sample(params[stage.name] if stage.name in params else stage.params, stage_cond,
+                       stage_uncond, jax.random.fold_in(rng, i), lowres=lowres,
                        guidance_scale=(guidance_scale or {}).get(stage.name),
                        num_steps=(num_steps or {}).get(stage.name),
                        aug_level=(aug_level or {}).get(stage.name), mesh=mesh)

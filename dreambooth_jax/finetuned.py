@@ -127,9 +127,11 @@ class FineTuned:
 
   def generate(self, prompt: str, num: int, rng: jax.Array, *, upto: str | None = None,
                mesh=None) -> dict[str, np.ndarray]:
-    """{stage: uint8 [num, H, W, 3]} for one prompt ('[V]' allowed); deterministic per rng."""
+    """{stage: uint8 [num, H, W, 3]} for one prompt ('[V]' allowed); deterministic per rng.
+    A stage with its own text encoder (the x4 upscaler) reads the filled prompt as typed."""
     return self.models.cascade.sample(self.embed([prompt]), rng, uncond_embeddings=self.embed([""]),
-                                      params=self.params, batch_size=num, upto=upto, mesh=mesh)
+                                      params=self.params, batch_size=num, upto=upto, mesh=mesh,
+                                      prompts=self.fill(prompt))
 
 
 def sample(workdir, texts: list[str], *, num: int = 4, seed: int = 0, step: int | None = None,

@@ -6,7 +6,11 @@ Two kinds of model come out of one config:
   architectures (seeded, so every process and every resume builds the same
   ones) and the packaged tiny SentencePiece model. Runs on CPU in minutes.
 * `model.kind = "pretrained"`: DeepFloyd IF stage I/II folders and a T5 v1.1
-  folder given in `config.pretrained`; a third 256->1024 stage if given.
+  folder given in `config.pretrained`; a third 256->1024 stage if given: the
+  stabilityai/stable-diffusion-x4-upscaler download (DeepFloyd's public stage
+  III, a latent upscaler with its own VAE and CLIP text encoder,
+  `dreambooth_jax.upscaler`) or an IF-style pixel SR UNet. `config.tiny.x4_upscaler`
+  gives the tiny cascade a tiny random x4 upscaler (`configs/imagen_dog.py:stage3`).
 
 Every stage up to the highest tuned one is part of the cascade (frozen stages
 generate the class priors and the low-res inputs of samples), and for samples
@@ -31,12 +35,14 @@ from flax import nnx
 from dreambooth_jax import cascade as cascade_lib
 from dreambooth_jax import config_lib, embeddings, sharding, utils
 from dreambooth_jax import lora as lora_lib
+from dreambooth_jax import upscaler as upscaler_lib
 from dreambooth_jax.models import t5 as t5_lib
 from dreambooth_jax.models.layers import KeyGen, random_init
 from dreambooth_jax.models.unet import UNetConfig, abstract_unet
 from dreambooth_jax.tokenizer import Tokenizer
 from dreambooth_jax.weights import load_unet
 from dreambooth_jax.weights import preflight as weights_preflight
+from dreambooth_jax.weights import sd_upscaler
 from dreambooth_jax.weights.t5 import abstract_t5_encoder, load_t5_encoder
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
@@ -113,7 +119,7 @@ def _stage_names(config, tuned: tuple[str, ...]) -> list[str]:
   order = list(config_lib.STAGES)
   last = max(order.index(s) for s in tuned)
   if config.model.kind == "tiny":
-    last = max(last, 1)  # samples always show base and sr256
+    last = max(last, 2 if tiny_x4_upscaler(config) else 1)  # samples show base and sr256 (+ III)
     return order[:last + 1]
   names = []
   for i, name in enumerate(order):
@@ -126,6 +132,12 @@ def _stage_names(config, tuned: tuple[str, ...]) -> list[str]:
     if given and (i <= last or names == order[:i]):
       names.append(name)
   return names
+
+
+def tiny_x4_upscaler(config) -> bool:
+  """Whether the tiny cascade's sr1024 is a tiny x4 latent upscaler (`config.tiny.x4_upscaler`,
+  opt-in: a third stage to compile would slow every tiny run and test)."""
+  return config.model.kind == "tiny" and bool(config.get("tiny", {}).get("x4_upscaler", False))
 
 
 def check_pretrained_folders(config) -> weights_preflight.Preflight | None:
@@ -178,6 +190,11 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = No
   stages, prints = [], []
   names = _stage_names(config, tuned)
   for i, name in enumerate(names):
+    if name == "sr1024" and (tiny_x4_upscaler(config) if tiny else checked.upscaler is not None):
+      stage3, print_ = _x4_upscaler_stage(config, name, names[i - 1], tuned, checked, mesh, rules)
+      stages.append(stage3)
+      prints.append(print_)
+      continue
     if tiny:
       cfg = tiny_unet_config(name, config)
       load = functools.partial(_tiny_unet_params, cfg, config.tiny.seed * 100 + i, mesh, rules,
@@ -231,16 +248,46 @@ def stage(config, name: str, unet_config: UNetConfig, *, scheduler, lowres_from:
   """Stage `name` of a config on an abstract UNet (nothing allocated): its settings, its
   scheduler, and `load_params` to load its weights on first use. `lowres_from` names
   the stage an SR stage upsamples."""
-  m, s = config.model, config.cascade[name]
+  m = config.model
   abstract = abstract_unet(unet_config, dtype=_dtype(m.dtype), param_dtype=unet_param_dtype(config),
                            remat=m.remat)
-  settings = cascade_lib.StageSettings(
+  return cascade_lib.Stage(
+      name, abstract, stage_settings(config, name), scheduler_config=scheduler,
+      load_params=load_params,
+      lowres_resolution=None if lowres_from is None else config.cascade[lowres_from].resolution)
+
+
+def stage_settings(config, name: str) -> cascade_lib.StageSettings:
+  """Stage `name`'s sampling and training settings from `config.cascade[name]`."""
+  s = config.cascade[name]
+  return cascade_lib.StageSettings(
       resolution=s.resolution, guidance_scale=s.guidance_scale, num_steps=s.num_steps,
       sampler=s.sampler, sample_aug_level=s.sample_aug_level, train_aug_level=s.train_aug_level,
-      text_mask=bool(m.get("unet_text_mask", False)))
-  return cascade_lib.Stage(
-      name, abstract, settings, scheduler_config=scheduler, load_params=load_params,
-      lowres_resolution=None if lowres_from is None else config.cascade[lowres_from].resolution)
+      text_mask=bool(config.model.get("unet_text_mask", False)))
+
+
+def _x4_upscaler_stage(config, name, lowres_from, tuned, checked, mesh, rules):
+  """(stage, fingerprint) of Stage III as Stable Diffusion's x4 latent upscaler: the
+  stage_3 download, or a tiny random one. Sampling only: its latent UNet is not tuned."""
+  if name in tuned:
+    raise config_lib.ConfigError(
+        f"config.stages={config.stages!r} fine-tunes {name}, but stage III here is the x4 latent "
+        "upscaler, whose (latent-space) fine-tuning is not implemented; tune base and/or sr256 "
+        "and let the upscaler sample 256 -> 1024 frozen")
+  settings, low = stage_settings(config, name), config.cascade[lowres_from].resolution
+  dtype, param_dtype = _dtype(config.model.dtype), unet_param_dtype(config)
+  try:
+    if checked is None:
+      return upscaler_lib.tiny_stage(name, settings, lowres_resolution=low, seed=config.tiny.seed,
+                                     mesh=mesh, rules=rules, dtype=dtype, param_dtype=param_dtype)
+    folder = checked.upscaler.folder
+    stage3 = upscaler_lib.load_stage(name, folder, settings, lowres_resolution=low, mesh=mesh,
+                                     rules=rules, dtype=dtype, param_dtype=param_dtype,
+                                     remat=config.model.remat)
+  except ValueError as e:  # settings the upscaler cannot take (resolution, noise level)
+    raise config_lib.ConfigError(str(e)) from e
+  parts = (sd_upscaler.resolve(folder, part) for part in ("unet", "vae", "text_encoder"))
+  return stage3, "x4_upscaler:" + ":".join(_folder_fingerprint(p) for p in parts)
 
 
 def _tiny_unet_params(cfg, seed, mesh, rules, *, dtype, param_dtype, remat):

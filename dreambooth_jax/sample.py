@@ -2,7 +2,9 @@ r"""Sample a fine-tuned cascade: a PNG grid of every stage for a prompt.
 
   python -m dreambooth_jax.sample --workdir=workdirs/dog --prompt="a [V] dog on the beach"
 
-`[V]` is replaced by the workdir's identifier. The tuned stages come from the
+`[V]` is replaced by the workdir's identifier. The grid shows every stage (with
+`config.pretrained.stage_3`, the x4 upscaler's 1024 px too); the last stage's
+images are also written at full size beside it. The tuned stages come from the
 latest checkpoint (`--step` picks another), the frozen stages from the
 config's models; text embeddings go through the workdir's prompt cache, so
 T5 is only loaded for prompts it has not seen. From Python, the same is
@@ -34,6 +36,14 @@ def main(argv):
   out = f.out or utils.as_path(f.workdir) / "samples" / f"{slug}.png"
   grids.save_grid(out, rows)
   print(f"wrote {out}", flush=True)
+  # The grid shows every stage at 128 px; the last stage's images (1024 px with the x4
+  # upscaler as stage III) are also written at full size beside it.
+  out = utils.as_path(out)
+  for i, (_, images) in enumerate(rows):
+    stage, last = list(images.items())[-1]
+    for k, image in enumerate(last):
+      utils.write_png(out.parent / f"{out.stem}_{i}_{k}_{stage}.png", image)
+  print(f"wrote the {stage} images at {last.shape[1]} px beside it", flush=True)
 
 
 if __name__ == "__main__":

@@ -93,6 +93,7 @@ def _compare(ours, theirs, what):
     assert err < TOL, (stage, err)
 
 
+@pytest.mark.xdist_group("if_cascade")  # test_upscaler's three-stage test reuses its programs
 def test_cascade_matches_if_pipelines(if_repos, monkeypatch):
   config = if_config(if_repos, **{"cascade.base.num_steps": STEPS["base"],
                                   "cascade.sr256.num_steps": STEPS["sr256"]})

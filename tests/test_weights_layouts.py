@@ -262,10 +262,10 @@ def wrong(tmp_path_factory, if_repos, reference_configs_dir):
 UNET_CASES = [  # (folder, role, where the message must point, fragments it must hold)
     ("if_ii", "stage_1", "unet", ["stage-II super-resolution", "stage_1 needs an IF stage-I"]),
     ("if_i", "stage_2", "unet", ["stage-I base", "stage_2 needs an IF-style super-resolution"]),
-    ("x4", "stage_1", "unet", ["x4 upscaler", "in_channels 7", "stage III", "does not load yet",
+    ("x4", "stage_1", "unet", ["x4 upscaler", "in_channels 7", "stage III", "config.pretrained.stage_3",
                                "vae/, low_res_scheduler/"]),
-    ("x4", "stage_2", "unet", ["x4 upscaler", "stage III", "does not load yet"]),
-    ("x4_unet", "stage_3", "", ["x4 upscaler", "num_class_embeds 1000", "does not load yet",
+    ("x4", "stage_2", "unet", ["x4 upscaler", "stage III", "config.pretrained.stage_3"]),
+    ("x4_unet", "stage_3", "", ["x4 upscaler", "num_class_embeds 1000", "whole download",
                                 "StableDiffusionUpscalePipeline"]),
     ("sd", "stage_1", "", ["Stable Diffusion 1.x text-to-image", "in_channels 4",
                            "CrossAttnDownBlock2D"]),

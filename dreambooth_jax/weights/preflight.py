@@ -1,7 +1,7 @@
 """Checks of pretrained folders that read only config.json and safetensors headers.
 
 Loading IF-I-XL and T5-XXL takes minutes and 30+ GB; a wrong folder found
-then (an IF-II given as stage_1, Stable Diffusion's x4 upscaler as stage_3, a
+then (an IF-II given as stage_1, an IF UNet as the x4 upscaler's stage_3, a
 missing shard, mT5 instead of T5) wastes all of it. Everything checked here
 costs milliseconds per file and never touches tensor data:
 
@@ -30,7 +30,8 @@ from typing import Iterable, Mapping
 
 from dreambooth_jax.models.t5 import T5Config
 from dreambooth_jax.models.unet import UNetConfig, abstract_unet
-from dreambooth_jax.weights import safetensors_io, t5 as t5_lib, torch_layout, unet as unet_lib
+from dreambooth_jax.weights import safetensors_io, sd_upscaler, t5 as t5_lib, torch_layout
+from dreambooth_jax.weights import unet as unet_lib
 from dreambooth_jax.weights.safetensors_io import WeightsError
 
 SPIECE = "spiece.model"
@@ -67,11 +68,19 @@ class TokenizerFolder:
 
 
 @dataclasses.dataclass(frozen=True)
+class UpscalerFolder:
+  folder: str             # the stabilityai/stable-diffusion-x4-upscaler download (model_index.json)
+  role: str               # stage_3
+  num_params: dict[str, int]  # {unet, vae, text_encoder}
+
+
+@dataclasses.dataclass(frozen=True)
 class Preflight:
   unets: dict[str, UNetFolder]
   t5: T5Folder | None
   tokenizer: TokenizerFolder | None
   seconds: float
+  upscaler: UpscalerFolder | None = None  # stage_3 given as the x4 upscaler download
 
 
 def _matched(model, tensors, *, renames=(), ignore=lambda k: False) -> int:
@@ -165,15 +174,23 @@ def check_pretrained(unets: Mapping[str, str], t5: str | None = None, tokenizer:
                      *, variant: str | None = None) -> Preflight:
   """All checks of a pretrained cascade: {role: folder} UNets, T5 folder, tokenizer folder.
 
+  stage_3 may be DeepFloyd's public stage III, the x4 upscaler download: all its parts
+  are checked (`sd_upscaler.check_sd_upscaler`) and it is left out of the T5 checks, as
+  it brings its own CLIP text encoder.
+
   Every folder is checked before anything raises, so one WeightsError lists
   every broken folder (one paragraph each); the cross-checks run when the
   folders they compare are sound. Reads configs and headers only.
   """
   t0 = time.perf_counter()
-  errors, checked = [], {}
+  errors, checked, upscaler = [], {}, None
   for role, folder in unets.items():
     try:
-      checked[role] = check_unet_folder(folder, role, variant=variant)
+      root = sd_upscaler.download_root(folder) if role == "stage_3" else None
+      if root is not None:
+        upscaler = UpscalerFolder(root, role, sd_upscaler.check_sd_upscaler(root, variant=variant))
+      else:
+        checked[role] = check_unet_folder(folder, role, variant=variant)
     except WeightsError as e:
       errors.append(str(e))
   t5_result = tok_result = None
@@ -195,4 +212,4 @@ def check_pretrained(unets: Mapping[str, str], t5: str | None = None, tokenizer:
   if errors:
     raise WeightsError(errors[0] if len(errors) == 1 else
                        f"{len(errors)} pretrained folders are unusable:\n\n" + "\n\n".join(errors))
-  return Preflight(checked, t5_result, tok_result, time.perf_counter() - t0)
+  return Preflight(checked, t5_result, tok_result, time.perf_counter() - t0, upscaler)

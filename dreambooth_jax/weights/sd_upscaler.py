@@ -40,7 +40,7 @@ from dreambooth_jax.models.vae import AutoencoderKL, VAEConfig, abstract_vae
 from dreambooth_jax.tokenizer import CLIP_FILES, ClipTokenizer
 from dreambooth_jax.weights import safetensors_io, torch_layout
 from dreambooth_jax.weights.safetensors_io import WeightsError
-from dreambooth_jax.weights.unet import describe_unet_config
+from dreambooth_jax.weights.unet import describe_unet_config, resolve_unet_folder
 
 REPO = "stabilityai/stable-diffusion-x4-upscaler"
 DIFFUSERS_STEM, TRANSFORMERS_STEM = "diffusion_pytorch_model", "model"
@@ -192,6 +192,30 @@ def read_scheduler_config(folder: str, component: str = "scheduler") -> dict[str
                        f"of {REPO}.") from e
 
 
+def download_root(folder: str) -> str | None:
+  """The x4 upscaler download `folder` is (or whose unet/ it is), else None.
+
+  How a cascade's stage_3 tells DeepFloyd's public stage III from an IF-style pixel UNet:
+  by the UNet's config only. A bare upscaler UNet folder with no pipeline around it
+  raises, as the stage also needs the VAE, the text encoder and the tokenizer.
+  """
+  try:
+    unet_dir = resolve_unet_folder(folder)
+    kind = describe_unet_config(safetensors_io.read_config(unet_dir))[0]
+  except WeightsError:
+    return None  # not a readable UNet: the IF checks name what is wrong
+  if kind != "sd_x4_upscaler":
+    return None
+  if os.path.normpath(unet_dir) != os.path.normpath(folder):
+    return folder
+  parent = os.path.dirname(os.path.normpath(folder))
+  if os.path.isfile(os.path.join(parent, "model_index.json")):
+    return parent
+  raise WeightsError(f"{folder}: holds the x4 upscaler's UNet only, but stage III also needs its "
+                     f"vae/, text_encoder/, tokenizer/ and schedulers: pass the whole {REPO} "
+                     f"download (the folder with model_index.json), or {_DOWNLOAD}.")
+
+
 # --- the whole pipeline ------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -207,7 +231,8 @@ class SDUpscaler:
   max_noise_level: int                # the largest noise_level (class label) the pipeline accepts
 
 
-def _max_noise_level(folder: str) -> int:
+def max_noise_level(folder: str) -> int:
+  """model_index.json's max_noise_level (the pipeline's default, 350, when absent)."""
   path = os.path.join(folder, "model_index.json")
   if not os.path.isfile(path):
     return MAX_NOISE_LEVEL
@@ -252,7 +277,7 @@ def load_sd_upscaler(folder: str, dtype=jnp.float32, *, compute_dtype=None,
       text_encoder=load_text_encoder(folder, dtype, compute_dtype=compute_dtype, variant=variant),
       tokenizer=tokenizer, scheduler=read_scheduler_config(folder, "scheduler"),
       low_res_scheduler=read_scheduler_config(folder, "low_res_scheduler"),
-      max_noise_level=_max_noise_level(folder))
+      max_noise_level=max_noise_level(folder))
 
 
 def check_sd_upscaler(folder: str, *, variant: str | None = None) -> dict[str, int]:

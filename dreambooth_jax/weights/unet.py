@@ -133,7 +133,10 @@ def check_unet_role(d: Mapping[str, Any], folder: str, role: str | None = None) 
   if kind == "unknown":  # no recognisable family: `UNetConfig.from_diffusers` names the keys
     return kind
   given = f"{folder} (given as {role})" if role else folder
-  head = f"{given}: config.json describes {what}, but {role or 'this loader'} needs {_EXPECTED[want]}."
+  also = (" (or, as stage III, the stabilityai/stable-diffusion-x4-upscaler download)"
+          if role == "stage_3" else "")
+  head = (f"{given}: config.json describes {what}, but {role or 'this loader'} needs "
+          f"{_EXPECTED[want]}{also}.")
   if kind == "sr" and want == "base":
     fix = ("This is the stage-II upscaler: pass it as stage_2 and give stage_1 the IF-I download "
            "(DeepFloyd/IF-I-XL-v1.0, -L or -M).")
@@ -141,9 +144,10 @@ def check_unet_role(d: Mapping[str, Any], folder: str, role: str | None = None) 
     fix = ("This is the stage-I base model: pass it as stage_1 and give " + str(role) + " an IF-II "
            "download (DeepFloyd/IF-II-L-v1.0 or -M).")
   elif kind == "sd_x4_upscaler":
-    fix = ("This is DeepFloyd's published stage III, a latent upscaler that this version of "
-           "dreambooth_jax does not load yet: leave stage_3 empty (the cascade then ends at stage "
-           "II's 256x256) and upscale its samples with diffusers' StableDiffusionUpscalePipeline."
+    fix = ("This is DeepFloyd's published stage III, Stable Diffusion's latent x4 upscaler, not an "
+           "IF pixel UNet: give the whole download (the folder with model_index.json, unet/, vae/, "
+           "text_encoder/, tokenizer/) as config.pretrained.stage_3, where the cascade loads it "
+           "with weights.sd_upscaler (load_sd_upscaler / upscaler.load_stage)."
            + _sibling_note(folder))
   elif kind in ("sd", "latent_unet"):
     fix = ("dreambooth_jax fine-tunes DeepFloyd IF-style pixel cascades, not latent-diffusion "

@@ -1,0 +1,189 @@
+"""Stage III (the x4 latent upscaler) against diffusers: every DDIM step, the low-res
+noising, and a three-stage cascade whose stage III runs against `StableDiffusionUpscalePipeline`.
+
+The tiny upscaler download is test_sd_upscaler's (`repo`: diffusers' and transformers' own
+`save_pretrained` in the Hub layout). The pipeline is fed our initial latents (`latents=`)
+and our low-res noise (its one `randn_tensor` draw); everything else (CLIP tokenizer and
+encoder, the negative prompt "", the noise-level class labels, the guidance batch, DDIM,
+the VAE decode and clipping) is the pipeline's own."""
+
+import os
+import shutil
+
+import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_upscale as upscale_module
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionUpscalePipeline
+
+from dreambooth_jax import cascade, config_lib, diffusion, embeddings, pipeline, samplers, upscaler
+from dreambooth_jax import weights
+from dreambooth_jax.weights import WeightsError
+from if_repos import reference_config
+from test_sd_upscaler import repo  # noqa: F401  (the tiny download fixture)
+from test_if_pipelines import STEPS
+from train_helpers import if_config
+
+TOL = 1e-4  # float32, 75 steps of a UNet through a VAE
+LOW = 32  # the low-res side: the tiny IF-II's output (train_helpers.if_config)
+
+
+def nchw(x):
+  return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
+
+
+def nhwc(x):
+  return np.asarray(x).transpose(0, 2, 3, 1)
+
+
+def test_default_schedulers_are_the_published_ones(reference_configs_dir):
+  for name, ours in (("sd_x4_upscaler_scheduler.json", upscaler.UPSCALER_SCHEDULER),
+                     ("sd_x4_upscaler_low_res_scheduler.json", upscaler.UPSCALER_LOW_RES_SCHEDULER)):
+    published = reference_config(reference_configs_dir, name)
+    for key, value in ours.items():
+      assert published.get(key) == value, (name, key, published.get(key), value)
+
+
+@jax.jit
+def _ddim(out, x, row):
+  config = samplers.StepConfig.from_config(upscaler.UPSCALER_SCHEDULER)
+  return samplers.ddim_step(config, out, x, row, jnp.zeros_like(x))
+
+
+def test_every_ddim_step_matches_diffusers(reference_configs_dir):
+  """All 75 steps of the pipeline's DDIM (v-prediction, set_alpha_to_one False, steps_offset
+  1) as Stage III walks them, against `DDIMScheduler.step` from the published config."""
+  cfg = reference_config(reference_configs_dir, "sd_x4_upscaler_scheduler.json")
+  ref = DDIMScheduler.from_config(cfg)
+  ref.set_timesteps(75)
+  steps = diffusion.DiscreteSchedule.from_config(cfg).respace(
+      75, prev="stride", final_alpha_bar=float(ref.alphas_cumprod[0]))
+  np.testing.assert_array_equal(np.asarray(steps.t), ref.timesteps.numpy())
+  rs = np.random.RandomState(0)
+  worst = 0.0
+  for i in range(75):
+    x, out = (rs.randn(2, 8, 8, 4).astype(np.float32) for _ in range(2))
+    want_prev, want_x0 = ref.step(nchw(out), ref.timesteps[i], nchw(x), eta=0.0, return_dict=False)
+    got_prev, got_x0 = _ddim(out, x, jax.tree.map(lambda a: a[i], steps))
+    worst = max(worst, float(np.abs(nhwc(want_prev) - np.asarray(got_prev)).max()),
+                float(np.abs(nhwc(want_x0) - np.asarray(got_x0)).max()))
+  print(f"\nx4 upscaler DDIM, 75 steps vs DDIMScheduler.step: max abs err {worst:.2e}")
+  assert worst < 1e-5
+
+
+def test_lowres_noising_matches_add_noise(repo):
+  folder, _ = repo
+  settings = cascade.StageSettings(resolution=4 * LOW, sampler="ddim", sample_aug_level=0.1)
+  stage = upscaler.load_stage("sr1024", folder, settings, lowres_resolution=LOW)  # nothing loaded
+  ref = DDPMScheduler.from_pretrained(folder, subfolder="low_res_scheduler")
+  rs = np.random.RandomState(1)
+  image = np.tanh(rs.randn(2, LOW, LOW, 3)).astype(np.float32)
+  noise = rs.randn(2, LOW, LOW, 3).astype(np.float32)
+  worst = 0.0
+  for level in (0, 20, 100, 350):
+    got, labels = stage.lowres_input(image, None, level / 1000, noise=noise)
+    want = ref.add_noise(nchw(image), nchw(noise), torch.tensor([level]))
+    assert np.asarray(labels).tolist() == [level, level]
+    worst = max(worst, float(np.abs(nhwc(want) - np.asarray(got)).max()))
+  print(f"\nlow-res noising vs DDPMScheduler.add_noise (levels 0-350): max abs err {worst:.2e}")
+  assert worst < 1e-6
+  for bad in (0.351, 0.1005):  # past max_noise_level; between integer levels
+    with pytest.raises(ValueError, match="noise_level"):
+      stage.lowres_input(image, None, bad, noise=noise)
+
+
+@pytest.mark.xdist_group("if_cascade")  # after test_if_pipelines: its IF programs, compiled once
+@pytest.mark.filterwarnings("ignore:Passing `image` as torch tensor")  # IF's docs pass [-1, 1] too
+def test_three_stage_cascade_matches_upscale_pipeline(if_repos, repo, monkeypatch):
+  """config.pretrained.stage_3 = the upscaler download: IF-I -> IF-II -> x4 upscaler through
+  pipeline.build and Cascade.sample (16 -> 32 -> 128 px; T5 for IF's stages, the upscaler's
+  CLIP for its own). Stage III, a whole run (DDIM, guidance 9, noise_level 100), against
+  StableDiffusionUpscalePipeline given our stage-II image and our noise: final latents and
+  the decoded, clipped images."""
+  folder, _ = repo
+  # 25 DDIM steps: each of the pipeline's 75 is checked above, and CI time is short.
+  config = if_config(if_repos, **{"pretrained.stage_3": folder, "cascade.sr1024.resolution": 128,
+                                  "cascade.sr1024.num_steps": 25})
+  models = pipeline.build(config)
+  stage = models.cascade.stages[-1]
+  assert isinstance(stage, upscaler.LatentUpscaleStage) and not stage.params_loaded
+  assert models.cascade.stages[1].settings.sampler == "ddpm"  # IF's stages as they were
+  prompt = "A Photo of a DOG on the Beach!"  # stage III reads it as typed: no IF cleaning
+  e, m = embeddings.encode_prompts(models.load_t5(), models.tokenizer, [prompt, ""])
+  cond = {"text": e[:1], "mask": m[:1]}
+  kw = dict(uncond_embeddings={"text": e[1:], "mask": m[1:]}, num_steps=STEPS, as_uint8=False)
+  rng = jax.random.key(3)
+  latents, decode = [], upscaler._decode  # our final latents, on their way to the VAE
+  monkeypatch.setattr(upscaler, "_decode", lambda g, s, z: latents.append(np.asarray(z)) or decode(g, s, z))
+  out = {k: np.asarray(v) for k, v in
+         models.cascade.sample(cond, rng, prompts=prompt, **kw).items()}
+  assert {k: v.shape for k, v in out.items()} == {
+      "base": (1, 16, 16, 3), "sr256": (1, 32, 32, 3), "sr1024": (1, 128, 128, 3)}
+
+  noise = models.cascade.noise(rng, 1)["sr1024"]
+  assert set(noise) == {"x_init", "lowres"}  # DDIM at eta 0 draws nothing per step
+  pipe = StableDiffusionUpscalePipeline.from_pretrained(folder, dtype=torch.float32)
+  pipe.set_progress_bar_config(disable=True)
+  draws = [nchw(noise["lowres"])]  # its one randn_tensor call: the low-res image's noise
+  monkeypatch.setattr(upscale_module, "randn_tensor", lambda *a, **k: draws.pop(0))
+  seen = []  # the pipeline's latents after each step
+  with torch.no_grad():
+    theirs = pipe(prompt, image=nchw(out["sr256"]), num_inference_steps=25, guidance_scale=9.0,
+                  noise_level=100, latents=nchw(noise["x_init"]), output_type="np",
+                  callback=lambda i, t, x: seen.append(x.clone()), callback_steps=1).images
+  assert not draws and len(seen) == 25 and len(latents) == 1
+  err_latents = float(np.abs(latents[0] - nhwc(seen[-1])).max())
+  ours = out["sr1024"] / 2 + 0.5  # the pipeline's postprocess: [0, 1]
+  err = float(np.abs(ours - theirs).max())
+  print(f"\nStage III in the cascade vs StableDiffusionUpscalePipeline (25 steps, tiny random "
+        f"models): final latents max abs err {err_latents:.2e} (std {latents[0].std():.3f}), "
+        f"images [0, 1] max abs err {err:.2e} (std {theirs.std():.3f})")
+  assert theirs.std() > 0.02 and err_latents < TOL and err < TOL
+
+  # Without prompt texts (class priors, training previews) the cascade ends at stage II,
+  # with the same images; naming stage III then is an error.
+  two = models.cascade.sample(cond, rng, **kw)
+  assert set(two) == {"base", "sr256"}
+  for name in two:
+    np.testing.assert_array_equal(np.asarray(two[name]), out[name])
+  with pytest.raises(ValueError, match="prompts="):
+    models.cascade.sample(cond, rng, upto="sr1024", **kw)
+
+
+def test_tiny_stage_three_is_opt_in():
+  """The tiny cascade compiles no third stage unless asked (`:stage3`), which gives it a
+  tiny random x4 upscaler of the real architecture, 64 -> 256 px; it is never tuned."""
+  from configs import imagen_dog
+  default = pipeline.build(imagen_dog.get_config("tiny"))
+  assert [s.name for s in default.cascade.stages] == ["base", "sr256"]
+  models = pipeline.build(imagen_dog.get_config("tiny,stage3"))
+  stage = models.cascade.stages[-1]
+  assert isinstance(stage, upscaler.LatentUpscaleStage) and not stage.params_loaded
+  assert (stage.lowres_resolution, stage.settings.resolution, stage.settings.num_steps) == (64, 256, 10)
+  assert stage.step_config.prediction_type == "v_prediction" and stage.max_noise_level == 350
+  assert default.weights_fingerprint != models.weights_fingerprint
+  with pytest.raises(config_lib.ConfigError, match="not implemented"):
+    pipeline.build(imagen_dog.get_config("tiny,stage3,stages=base+sr1024"))
+
+
+def test_wrong_stage_three_folder_is_one_paragraph(if_repos, repo, tmp_path):
+  folder, _ = repo
+  bare = tmp_path / "unet_alone"  # the upscaler's unet/ without its pipeline around it
+  shutil.copytree(os.path.join(folder, "unet"), bare)
+  no_vae = tmp_path / "no_vae"
+  shutil.copytree(folder, no_vae, ignore=shutil.ignore_patterns("vae"))
+  cases = {if_repos["stage_1"]: ["stage-I base", "stabilityai/stable-diffusion-x4-upscaler"],
+           str(bare): ["x4 upscaler's UNet only", "whole", "huggingface-cli"],
+           str(no_vae): ["lists vae", "StableDiffusionUpscalePipeline"]}
+  for given, fragments in cases.items():
+    with pytest.raises(WeightsError) as e:
+      weights.check_pretrained({"stage_3": given})
+    msg = str(e.value)
+    print(f"\nstage_3={os.path.basename(given)}: {msg}")
+    assert given in msg and "\n" not in msg, msg
+    for fragment in fragments:
+      assert fragment in msg, (fragment, msg)
+  checked = weights.check_pretrained({"stage_3": os.path.join(folder, "unet")})  # its parent
+  assert checked.upscaler.folder == folder and not checked.unets
