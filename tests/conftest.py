@@ -10,7 +10,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Environment, not jax.config: subprocesses (CLI tests) inherit it, so they compile the
 # same programs as the tests in this process and hit the same persistent cache entries.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+# Every program is cached, the sub-second ones too: a training run compiles dozens of
+# small ones (init, placement, export), and the tests run many such runs.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402
 
@@ -23,13 +25,27 @@ jax.config.update("jax_default_matmul_precision", "highest")
 _CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                                os.path.join(os.path.dirname(__file__), "..", ".jax_cache"))
 jax.config.update("jax_compilation_cache_dir", _CACHE)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 import pathlib  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
+
+# The trained tiny workdirs (session fixtures below) that several modules read.
+SHARED_WORKDIRS = frozenset({"full_run", "method_runs"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(items):
+  """A test that reads a shared trained workdir joins xdist group "workdirs", so the
+  workdirs are trained once, on one worker; every other test, even in the same module,
+  is free to run on the other worker (the group is the suite's longest chain)."""
+  for item in items:
+    if SHARED_WORKDIRS & set(getattr(item, "fixturenames", ())):
+      item.add_marker(pytest.mark.xdist_group("workdirs"))
+
 
 # The repository root, for tests that name its files or run its CLIs (`from conftest import REPO`).
 REPO = pathlib.Path(__file__).resolve().parent.parent

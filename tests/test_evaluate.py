@@ -20,8 +20,6 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 COMMON = ["--subject=dog", "--num_prompts=2", "--num_images=2", "--num_class_images=2"]
 METRICS = ("DINO", "CLIP-I", "CLIP-T", "PRES", "DIV")
-# Shares the tiny trained workdirs (conftest session fixtures): one xdist worker.
-pytestmark = pytest.mark.xdist_group("workdirs")
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,6 @@ from conftest import run_cli
 from train_helpers import LEARNED_METHODS as LEARNED
 
 
-# Shares the tiny trained workdirs (conftest session fixtures): one xdist worker.
-pytestmark = pytest.mark.xdist_group("workdirs")
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,6 @@ NOTEBOOKS = REPO / "notebooks"
 # "method=M,runlocal": a notebook resumes them when its config is the same up to mesh
 # and batch (which a resumed, finished run does not use).
 SMOKE_CONFIG = "configs/imagen_dog.py:tiny,runlocal"
-# Shares the tiny trained workdirs (conftest session fixtures): one xdist worker.
-pytestmark = pytest.mark.xdist_group("workdirs")
 
 
 def _notebook(name: str):

@@ -18,8 +18,6 @@ from conftest import run_cli
 from train_helpers import tiny_config
 
 
-# Shares the tiny trained workdirs (conftest session fixtures): one xdist worker.
-pytestmark = pytest.mark.xdist_group("workdirs")
 
 
 def test_run_leaves_checkpoint_export_metrics_and_samples(full_run):

@@ -174,7 +174,6 @@ def test_prompt_set_is_the_held_out_contexts_and_the_class_prompt():
 # -- end to end on the tiny random workdir -----------------------------------------------------
 
 
-@pytest.mark.xdist_group("workdirs")
 def test_world_protocol_end_to_end_resumes_and_reports(full_run, tmp_path):
   from dreambooth_jax.evaluation import world_protocol as wp
   out = tmp_path / "eval_world"
