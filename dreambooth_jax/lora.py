@@ -124,8 +124,8 @@ def inject(module: nnx.Module, s: LoRASettings, subjects: int = 0, targets: str 
   """Puts an abstract `layers.LoRA` on every Dense/Conv of `module` whose path matches
   `targets` (default `s.targets`), in place; returns the adapted paths
   ('down_blocks/1/attentions/0/to_q'). `subjects` > 0 gives every adapter a leading
-  subject axis (one adapter per subject, logical axis "subjects"), each example routed
-  to its own by `Adapted.subject_ids`."""
+  subject axis (one adapter per subject, logical axis "subjects"), which
+  `subjects.joint_loss` vmaps over."""
   regex = re.compile(s.targets if targets is None else targets)
   found = [(module_path(p), m) for p, m in nnx.iter_graph(module)
            if isinstance(m, (Dense, Conv)) and regex.search(module_path(p))]
@@ -174,7 +174,6 @@ class Adapted:
   base: Any
   adapters: Any
   rng: Any = None
-  subject_ids: Any = None  # [B] int: each example's adapter, for per-subject adapters
   graphdef: Any = dataclasses.field(default=None, metadata=dict(static=True))
 
   def module(self) -> nnx.Module:
@@ -183,13 +182,10 @@ class Adapted:
     # refuse to update Variables of another trace.
     base, adapters = jax.tree.map(lambda x: x, (self.base, self.adapters))
     model = nnx.merge(self.graphdef, base, adapters)
-    if self.rng is not None or self.subject_ids is not None:
+    if self.rng is not None:
       loras = [m for _, m in nnx.iter_graph(model) if isinstance(m, LoRA)]
       for i, m in enumerate(loras):  # plain attributes of this traced, throwaway module
-        if self.rng is not None:
-          object.__setattr__(m, "dropout_key", jax.random.fold_in(self.rng, i))
-        if self.subject_ids is not None:
-          object.__setattr__(m, "subject_ids", self.subject_ids)
+        object.__setattr__(m, "dropout_key", jax.random.fold_in(self.rng, i))
     return model
 
 
@@ -217,8 +213,8 @@ class _Adapters:
   def release(self) -> None:
     self._initial = None  # the frozen weights stay: the step needs them
 
-  def bind(self, base, adapters, rng=None, subject_ids=None) -> Adapted:
-    return Adapted(base, adapters, rng, subject_ids, self.graphdef)
+  def bind(self, base, adapters, rng=None) -> Adapted:
+    return Adapted(base, adapters, rng, self.graphdef)
 
   def num_adapter_params(self) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract_params))

@@ -11,9 +11,9 @@ batch, the frozen weights and the step's rng closed over (shared, not copied).
 Each subject's slice of the computation is then exactly the lone step's (same
 shapes, same noise draws), and the loss is the SUM of the subjects' losses, so the
 gradient of subject s's adapters is the one it gets alone. Vmap rather than
-routing examples by `Adapted.subject_ids` for that reason: a routed batch draws
-its noise for all subjects' examples together, so no subject would see the
-noise its lone run sees. The rest stays per subject by construction:
+routing each example to its subject's adapter (a gather inside every adapted
+layer) for that reason: a routed batch draws its noise for all subjects'
+examples together, so no subject would see the noise its lone run sees. The rest stays per subject by construction:
 `clip_per_subject` clips each subject's slice of the gradient by its own norm
 (a global norm would couple them) and AdamW is elementwise. Adafactor is refused:
 its factored second moments would mix the subject axis with the others.

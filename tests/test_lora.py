@@ -83,42 +83,19 @@ def test_gradients_reach_only_the_adapters_and_dropout_needs_a_key():
   assert float(a) != float(b) and float(c) == float(d)
 
 
-def test_per_subject_adapters_equal_each_subject_alone():
-  """Adapters with a leading subject axis, each example routed to its subject's adapter:
-  the joint loss's gradients per subject equal each subject's alone (the basis of training
-  many subjects in one step), convolutions included, under guidance's doubled batch too."""
-  ls, x, t, cond = _stage_and_inputs(targets="attention+resnets", rank=2)
+def test_each_subject_exports_as_its_lone_run_would():
+  """Adapters with a leading subject axis (train_many's): subject i's diffusers LoRA file is
+  the one a run of that subject alone writes. (That joint training gives each subject its
+  lone run's adapters is tests/test_train_many.py's equivalence test.)"""
+  ls, *_ = _stage_and_inputs(targets="attention+resnets", rank=2)
   joint = lora.LoRAStage(ls.stage, ls.lora, subjects=2)
-  base = ls.base_params
   alone = [_random_adapters(ls, seed=s) for s in (1, 2)]
   stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *alone)
-  ids = jnp.asarray([0, 1])
-
-  def joint_loss(adapters):
-    out = joint.stage.apply(joint.bind(base, adapters, subject_ids=ids), x, t, cond)
-    return jnp.sum(out ** 2)
-
-  def alone_loss(adapters, i):
-    one = jax.tree.map(lambda v: v[i:i + 1], {"x": x, "t": t, "cond": cond})
-    return jnp.sum(ls.stage.apply(ls.bind(base, adapters), one["x"], one["t"], one["cond"]) ** 2)
-
-  g_joint = jax.jit(jax.grad(joint_loss))(stacked)
-  for i in (0, 1):
-    g_alone = jax.jit(jax.grad(alone_loss), static_argnums=1)(alone[i], i)
-    err = max(float(jnp.abs(a[i] - b).max()) for a, b in
-              zip(jax.tree.leaves(g_joint), jax.tree.leaves(g_alone)))
-    scale = max(float(jnp.abs(b).max()) for b in jax.tree.leaves(g_alone))
-    print(f"\nsubject {i}: joint vs alone adapter gradients max abs err {err:.2e} (max {scale:.2e})")
-    assert err < 1e-5 * max(scale, 1.0)
-  # Guidance's [cond; uncond] batch: the ids repeat for the second half.
-  doubled = jax.tree.map(lambda v: jnp.concatenate([v, v]), {"x": x, "t": t, "cond": cond})
-  out = jax.jit(joint.stage.apply)(joint.bind(base, stacked, subject_ids=ids), doubled["x"],
-                                   doubled["t"], doubled["cond"])
-  np.testing.assert_allclose(np.asarray(out[:2]), np.asarray(out[2:]), atol=1e-6)
-  # Each subject exports as its own diffusers LoRA file, the one a lone run would write.
-  for i in (0, 1):
-    one, own = lora.diffusers_lora_tensors(joint, stacked, subject=i), lora.diffusers_lora_tensors(ls, alone[i])
+  files = [lora.diffusers_lora_tensors(joint, stacked, subject=i) for i in (0, 1)]
+  for one, i in zip(files, (0, 1)):
+    own = lora.diffusers_lora_tensors(ls, alone[i])
     assert one.keys() == own.keys() and all(np.array_equal(one[k], own[k]) for k in one)
+  assert any(not np.array_equal(files[0][k], files[1][k]) for k in files[0])
   with pytest.raises(ValueError, match="subject="):
     lora.diffusers_lora_tensors(joint, stacked)
 

@@ -166,7 +166,9 @@ class LoRA(nnx.Module):
   Conv2d LoRA). B starts at zero, so an adapted model starts as the frozen one. Both
   are `nnx.LoRAParam`, which `nnx.split(model, nnx.LoRAParam, ...)` separates from the
   frozen weights. Dropout on the input (peft's lora_dropout) runs only when a key is
-  set on the module, which `lora.Adapted` does inside a train step.
+  set on the module, which `lora.Adapted` does inside a train step. Adapters with a
+  leading subject axis (`train_many`) never reach this layer stacked: the loss is
+  vmapped over that axis, so each call sees one subject's A and B.
   """
 
   def __init__(self, a, b, a_axes: Axes, b_axes: Axes, *, scale: float, dropout: float = 0.0,
@@ -182,24 +184,8 @@ class LoRA(nnx.Module):
       keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
       x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
     a, b = _cast(self.a[...], dtype), _cast(self.b[...], dtype)
-    if b.ndim == 3:  # one adapter per subject [S, ...]: each example through its own
-      return self._per_subject(x, a, b)
     h = jnp.dot(x, a) if self.conv is None else _conv(x, a, *self.conv)
     return jnp.dot(h, b) * jnp.asarray(self.scale, h.dtype)
-
-  def _per_subject(self, x, a, b):
-    ids = getattr(self, "subject_ids", None)  # [B'], set by `lora.Adapted`
-    if ids is None:
-      raise ValueError("per-subject LoRA adapters need the examples' subject ids "
-                       "(lora.Adapted(subject_ids=...))")
-    # Guidance runs [cond; uncond] as one batch: the ids repeat for each half.
-    ids = jnp.tile(ids, x.shape[0] // ids.shape[0])
-    a, b = a[ids], b[ids]  # [B, ..., r], [B, r, out]
-    if self.conv is None:
-      h = jnp.einsum("b...i,bir->b...r", x, a)
-    else:
-      h = jax.vmap(lambda xi, ai: _conv(xi[None], ai, *self.conv)[0])(x, a)
-    return jnp.einsum("b...r,bro->b...o", h, b) * jnp.asarray(self.scale, h.dtype)
 
 
 class GroupNorm(nnx.Module):
