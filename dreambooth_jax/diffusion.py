@@ -381,12 +381,23 @@ def loss_weight(weighting: str, snr: Array, prediction_type: str, gamma: float =
 
   'min_snr' (Hang et al. 2023) weights the x0-space loss by min(snr, gamma);
   expressed on an epsilon or v target that is min(snr, gamma)/snr and
-  min(snr, gamma)/(snr + 1), the same as diffusers' training scripts.
+  min(snr, gamma)/(snr + 1), the same as diffusers' training scripts. It lowers
+  the low-noise steps and never raises the high-noise ones.
+
+  'v' weights the loss as v-prediction's loss does, snr + 1 in x0 space, with the
+  snr floored at 1/gamma: on an epsilon target (snr + 1) / max(snr, 1/gamma), which
+  rises from 1 at low noise to about gamma at high noise. An epsilon loss sees the
+  image's content only through alpha/sigma, small exactly at the noise levels where
+  content (and so the caption) is decided; this gives those steps weight. The floor
+  keeps the last steps (snr ~ 1e-9 on IF's cosine schedule) finite.
   """
   if weighting == "uniform":
     return jnp.ones_like(snr)
+  if weighting == "v":
+    return {"epsilon": (snr + 1) / jnp.maximum(snr, 1.0 / gamma),
+            "v_prediction": jnp.ones_like(snr), "sample": snr + 1}[prediction_type]
   if weighting != "min_snr":
-    raise ValueError(f"weighting {weighting!r}: use 'uniform' or 'min_snr'")
+    raise ValueError(f"weighting {weighting!r}: use 'uniform', 'min_snr' or 'v'")
   clipped = jnp.minimum(snr, gamma)
   if prediction_type == "epsilon":
     return clipped / snr

@@ -102,8 +102,10 @@ def parse_args(argv=None):
   p.add_argument("--text_mask", action="store_true",
                  help="mask padded caption tokens out of the UNets' text attention (IF does not; "
                       "the export records it and configs/world.py follows)")
-  p.add_argument("--weighting", default="uniform", choices=("uniform", "min_snr"),
-                 help="the loss weighting over noise levels (min_snr: Hang et al., gamma 5)")
+  p.add_argument("--weighting", default="uniform", choices=("uniform", "min_snr", "v"),
+                 help="the loss weighting over noise levels (min_snr: Hang et al.; v: v-prediction's "
+                      "loss on the epsilon output, the high-noise steps raised up to ~gamma)")
+  p.add_argument("--gamma", type=float, default=5.0, help="the weighting's gamma")
   p.add_argument("--train", default="base+sr", choices=("base+sr", "base", "sr"),
                  help="the UNets this run trains; the other keeps its weights (its EMA settles on them). "
                       "The base decides what the cascade draws and costs most of a step's learning")
@@ -127,7 +129,8 @@ def build(args):
     cfg = UNetConfig.from_diffusers(d, source=f"world {name}")
     unet = random_init(abstract_unet(cfg), args.seed * 100 + i)
     settings = cascade_lib.StageSettings(resolution=cfg.sample_size, guidance_scale=4.0, num_steps=25,
-                                         text_mask=args.text_mask, weighting=args.weighting)
+                                         text_mask=args.text_mask, weighting=args.weighting,
+                                         min_snr_gamma=args.gamma)
     stages[name] = cascade_lib.Stage(name, unet, settings, scheduler_config=SCHEDULERS[name],
                                      lowres_resolution=32 if name == "sr" else None)
     params[name] = stages[name].params

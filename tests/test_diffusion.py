@@ -187,6 +187,33 @@ def test_min_snr_weighting_matches_hand_computation(prediction_type):
   np.testing.assert_allclose(metrics["weight"], weight.mean(), rtol=2e-5)
 
 
+def test_v_weighting_on_epsilon_is_the_v_loss_above_its_floor():
+  """weighting='v' on an epsilon model is the MSE of the v that epsilon implies
+  (v = (eps - sigma x_t) / alpha), wherever snr >= 1/gamma; below, the weight stops at
+  (snr + 1) * gamma instead of growing as 1/snr."""
+  sched, gamma = diffusion.DiscreteSchedule(), 5.0
+  rs = np.random.RandomState(4)
+  x0 = jnp.asarray(rs.uniform(-1, 1, (5, 4, 4, 3)), jnp.float32)
+  noise = jnp.asarray(rs.randn(5, 4, 4, 3), jnp.float32)
+  t = jnp.array([0, 300, 600, 900, 999], jnp.int32)
+  model = lambda x, tt, c: 0.5 * x
+  got, _ = diffusion.loss(model, sched, x0, jax.random.key(1), None, t=t, noise=noise,
+                          weighting="v", min_snr_gamma=gamma)
+  ac = sched.alphas_cumprod[np.asarray(t)].astype(np.float64)
+  a, s = np.sqrt(ac)[:, None, None, None], np.sqrt(1 - ac)[:, None, None, None]
+  x0n, nn = np.asarray(x0, np.float64), np.asarray(noise, np.float64)
+  x_t = a * x0n + s * nn
+  v_mse = np.mean(np.square((0.5 * x_t - s * x_t) / a - (a * nn - s * x0n)), axis=(1, 2, 3))
+  eps_mse = np.mean(np.square(0.5 * x_t - nn), axis=(1, 2, 3))
+  snr = ac / (1 - ac)
+  above = snr >= 1 / gamma
+  assert above.sum() == 3 and not above[-1]
+  np.testing.assert_allclose(np.asarray(got)[above], v_mse[above], rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(got)[~above], ((snr + 1) * gamma * eps_mse)[~above], rtol=1e-4)
+  with pytest.raises(ValueError, match="'v'"):
+    diffusion.loss_weight("x0", jnp.ones(2), "epsilon")
+
+
 def test_loss_under_jit_samples_t_and_noise():
   sched = diffusion.DiscreteSchedule()
   x0 = jnp.zeros((8, 4, 4, 3))
