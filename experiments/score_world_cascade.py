@@ -46,37 +46,42 @@ def accuracies(evaluator, images: np.ndarray, scenes) -> dict[str, float]:
   return {k: acc[k] for k in LABELS}
 
 
-def sample(cascade_dir: str, captions: list[str], seed: int, sampler: str = "",
-           steps: int = 0) -> dict[str, np.ndarray]:
-  """{stage: uint8 [N, r, r, 3]} of the cascade at `cascade_dir`, one image per caption,
-  with configs/world.py's sampler and steps unless `sampler` / `steps` are given."""
+def load(cascade_dir: str, sampler: str = "", steps: int = 0):
+  """(models, T5, mesh) of the cascade at `cascade_dir`, built as configs/world.py builds it,
+  with its sampler and steps unless `sampler` / `steps` are given; on one device."""
   config = world_config.get_config(f"cascade={cascade_dir}")
   for name in ("base", "sr256"):
     config.cascade[name].sampler = sampler or config.cascade[name].sampler
     config.cascade[name].num_steps = steps or config.cascade[name].num_steps
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
   models = pipeline.build(config, mesh)
-  t5 = models.load_t5()
+  return models, models.load_t5(), mesh
+
+
+def _encode(models, t5, captions):
   e, m = embeddings.encode_prompts(t5, models.tokenizer, captions + [""])
-  cond, uncond = {"text": e[:-1], "mask": m[:-1]}, {"text": e[-1:], "mask": m[-1:]}
+  return {"text": e[:-1], "mask": m[:-1]}, {"text": e[-1:], "mask": m[-1:]}
+
+
+def sample(loaded, captions: list[str], seed: int) -> dict[str, np.ndarray]:
+  """{stage: uint8 [N, r, r, 3]}: one image per caption, the same noise for every cascade."""
+  models, t5, mesh = loaded
+  cond, uncond = _encode(models, t5, captions)
   return models.cascade.sample(cond, jax.random.key(seed), uncond_embeddings=uncond,
                                batch_size=len(captions), mesh=mesh)
 
 
-def text_sensitivity(cascade_dir: str, captions: list[str], seed: int,
-                     timesteps=(100, 500, 900)) -> dict[int, float]:
+def text_sensitivity(loaded, captions: list[str], seed: int, timesteps=(100, 500, 900)
+                     ) -> dict[int, float]:
   """How much the caption moves the base UNet: mean over captions of
   |eps(x_t, caption) - eps(x_t, "")| / |eps(x_t, "")| on one random x_t per caption, at
   each t. A cascade whose samples ignore their captions shows it here first."""
-  config = world_config.get_config(f"cascade={cascade_dir}")
-  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-  models = pipeline.build(config, mesh)
-  e, m = embeddings.encode_prompts(models.load_t5(), models.tokenizer, captions + [""])
+  models, t5, _ = loaded
+  cond, uncond = _encode(models, t5, captions)
   stage = models.cascade.stages[0]
   n, r = len(captions), stage.settings.resolution
   x = jax.random.normal(jax.random.key(seed), (n, r, r, 3))
-  cond = {"text": e[:-1], "mask": m[:-1]}
-  uncond = {"text": jax.numpy.repeat(e[-1:], n, 0), "mask": jax.numpy.repeat(m[-1:], n, 0)}
+  uncond = jax.tree.map(lambda v: jax.numpy.repeat(v, n, 0), uncond)
   # Weights and x_t are arguments, not closed-over constants XLA would try to fold.
   eps = jax.jit(lambda p, x, c, t: stage.apply(p, x, jax.numpy.full((n,), t), c)[..., :3])
   out = {}
@@ -108,13 +113,16 @@ def main(argv=None):
   chance = {k: 1 / len(evaluator.label_values[k]) for k in LABELS}
   rows = [("chance", "-", chance), ("world images (ceiling)", "64 px", accuracies(evaluator, real["sr256"], scenes)),
           ("world images (ceiling)", "32 px", accuracies(evaluator, real["base"], scenes))]
-  grid = []
+  grid, sensitivity = [], {}
   for folder in args.cascade:
-    out = sample(folder, captions, args.seed, args.sampler, args.steps)
+    loaded = load(folder, args.sampler, args.steps)
+    out = sample(loaded, captions, args.seed)
     for stage, size in (("base", "32 px"), ("sr256", "64 px")):
       rows.append((folder, f"{stage} {size}", accuracies(evaluator, out[stage], scenes)))
     grid += [(f"{pathlib.Path(folder).name}: {captions[i]}", {k: v[i:i + 1] for k, v in out.items()})
              for i in range(min(8, args.num))]
+    if args.sensitivity:
+      sensitivity[folder] = text_sensitivity(loaded, captions[:16], args.seed)
 
   print(f"\n{args.num} held-out full captions, one sample each; evaluator top-1 accuracy\n")
   print("| cascade | images | " + " | ".join(LABELS) + " |")
@@ -124,13 +132,12 @@ def main(argv=None):
   if args.sensitivity:
     print("\n| cascade | " + " | ".join(f"|eps(c) - eps('')| / |eps('')| at t={t}" for t in (100, 500, 900))
           + " |\n| --- |" + " --- |" * 3)
-    for folder in args.cascade:
-      sens = text_sensitivity(folder, captions[:16], args.seed)
+    for folder, sens in sensitivity.items():
       print(f"| {folder} | " + " | ".join(f"{v:.4f}" for v in sens.values()) + " |")
   if args.grid:
     grids.save_grid(args.grid, grid)
     print(f"\nsamples: {args.grid}")
-  return rows
+  return rows, sensitivity
 
 
 if __name__ == "__main__":

@@ -55,12 +55,13 @@ def test_pretrain_export_is_what_the_world_config_loads(tmp_path):
   stages = pipeline.build(config).cascade.stages
   assert [s.settings.text_mask for s in stages] == [True, True]
   t0 = time.time()
-  rows = score_world_cascade.main([f"--cascade={out}", "--num=2", "--steps=2"])
+  rows, moved = score_world_cascade.main([f"--cascade={out}", "--num=2", "--steps=2", "--sensitivity"])
   print(f"score: {time.time() - t0:.1f} s")
   assert [r[1] for r in rows] == ["-", "64 px", "32 px", "base 32 px", "sr256 64 px"]
   assert all(0.0 <= v <= 1.0 for r in rows for v in r[2].values())
-  # The text-sensitivity probe: the caption moves even an untrained UNet's epsilon (by
-  # about its own size: nothing has taught it to ignore the text yet).
-  moved = score_world_cascade.text_sensitivity(str(out), ["a red ball", "a box at night"], 0, (500,))
-  print(f"text sensitivity at t=500: {moved[500]:.4f}")
-  assert moved.keys() == {500} and 0.0 < moved[500] < 10.0
+  # The text-sensitivity probe, on the same loaded models: the caption moves an untrained
+  # UNet's epsilon by about its own size (1.06 measured at t=500); a trained one learns
+  # to need less (the step-7750 world cascade: 0.013).
+  moved = moved[str(out)]
+  print("text sensitivity: " + ", ".join(f"t={t} {v:.4f}" for t, v in moved.items()))
+  assert moved.keys() == {100, 500, 900} and all(0.3 < v < 3.0 for v in moved.values())
