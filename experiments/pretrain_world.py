@@ -89,7 +89,9 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--workdir", required=True)
   p.add_argument("--hours", type=float, default=1.5, help="stop after this much wall time")
-  p.add_argument("--steps", type=int, default=100_000, help="or after this many steps")
+  p.add_argument("--steps", type=int, default=100_000, help="or after this many steps (the schedule's length)")
+  p.add_argument("--until", type=int, default=0,
+                 help="stop at this step, the schedule still set by --steps (a lever's short leg)")
   p.add_argument("--batch", type=int, default=16, help="images per step (split over devices)")
   p.add_argument("--lr", type=float, default=1e-3)
   p.add_argument("--warmup", type=int, default=300)
@@ -175,6 +177,8 @@ def make_step(stages, tx, ema_decay: float, train=("base", "sr")):
     (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, rng)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     # A stage not trained has zero gradients, but Adam's decaying moments would still move it.
+    # Zeroed here rather than optax.masked: the optimiser state keeps one structure, so a
+    # checkpoint of a both-stage run resumes into a base-only one (as step 7750 did).
     updates = {k: u if k in train else jax.tree.map(jnp.zeros_like, u) for k, u in updates.items()}
     params = optax.apply_updates(state["params"], updates)
     ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state["ema"], params)
@@ -289,7 +293,7 @@ def main(argv=None):
   pending = pool.submit(host_batch, args, start)
   log = open(workdir / "metrics.jsonl", "a")
   t_last, done = time.time(), start
-  for step in range(start, args.steps):
+  for step in range(start, min(args.steps, args.until or args.steps)):
     host = pending.result()
     pending = pool.submit(host_batch, args, step + 1)
     emb = encode(host["captions"])
