@@ -197,9 +197,10 @@ class Stage:
 
   def sample(self, params, cond: Mapping[str, Array], uncond: Mapping[str, Array] | None,
              rng: Array, *, lowres: Array | None = None, guidance_scale=None,
-             num_steps: int | None = None, aug_level=None, mesh=None,
+             num_steps: int | None = None, aug_level=None, mesh=None, sampler: str | None = None,
              **sample_kw) -> Array:
-    """Images [B, r, r, C] in [-1, 1]. SR stages need `lowres`, the previous stage's output."""
+    """Images [B, r, r, C] in [-1, 1]. SR stages need `lowres`, the previous stage's output.
+    `sampler` replaces the settings' (e.g. a faster solver for in-loop evaluation)."""
     s = self.settings
     b = cond["text"].shape[0]
     cond, uncond = dict(cond), (dict(uncond) if uncond is not None else None)
@@ -214,7 +215,7 @@ class Stage:
         Partial(self.apply, params), self.schedule, (b, s.resolution, s.resolution, self.channels),
         rng_sample, cond, uncond, num_steps=num_steps or s.num_steps,
         guidance_scale=s.guidance_scale if guidance_scale is None else guidance_scale,
-        sampler=s.sampler, eta=s.eta, config=self.step_config, mesh=mesh, **sample_kw)
+        sampler=sampler or s.sampler, eta=s.eta, config=self.step_config, mesh=mesh, **sample_kw)
 
 
 def to_uint8(images: Array) -> np.ndarray:
@@ -263,7 +264,8 @@ class Cascade:
              guidance_scale: Mapping[str, float] | None = None,
              num_steps: Mapping[str, int] | None = None,
              aug_level: Mapping[str, float] | None = None, mesh=None,
-             as_uint8: bool = True, prompts: str | Sequence[str] | None = None) -> dict[str, Any]:
+             as_uint8: bool = True, prompts: str | Sequence[str] | None = None,
+             sampler: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Runs the cascade; returns {stage name: images} for every stage run.
 
     prompt_embeddings / uncond_embeddings: {"text": [B or 1, L, D], "mask": [B or 1, L]};
@@ -275,6 +277,9 @@ class Cascade:
       Without them the cascade ends before such a stage (naming it in `upto` raises):
       callers that hold only T5 embeddings (class priors, training previews) keep
       the IF stages they had.
+    sampler: {stage: 'ddpm' | 'ddim' | 'dpmpp_2m'} for the IF stages named (with
+      `num_steps`: a faster solver than the settings' for in-loop evaluation); a stage
+      with its own text encoder keeps its own sampler.
     Deterministic for a given rng: stage i uses fold_in(rng, i).
     """
     params = dict(params or {})  # stages not given run their own params, loaded on use
@@ -284,7 +289,8 @@ class Cascade:
     out, lowres = {}, None
     for i, stage in enumerate(self.stages):
       stage_cond, stage_uncond = cond, uncond
-      if getattr(stage, "own_text_encoder", False):
+      own_encoder = getattr(stage, "own_text_encoder", False)  # the x4 upscaler
+      if own_encoder:
         if prompts is None:
           if stage.name == upto:
             raise ValueError(f"stage {stage.name!r} encodes the prompt with its own text encoder: "
@@ -293,11 +299,13 @@ class Cascade:
                        stage.name)
           break
         stage_cond, stage_uncond = stage.embed_pair(prompts, b, guided=uncond is not None)
+      own = ({"sampler": sampler[stage.name]}  # the upscaler keeps its own
+             if stage.name in (sampler or {}) and not own_encoder else {})
       x = stage.sample(params[stage.name] if stage.name in params else stage.params, stage_cond,
                        stage_uncond, jax.random.fold_in(rng, i), lowres=lowres,
                        guidance_scale=(guidance_scale or {}).get(stage.name),
                        num_steps=(num_steps or {}).get(stage.name),
-                       aug_level=(aug_level or {}).get(stage.name), mesh=mesh)
+                       aug_level=(aug_level or {}).get(stage.name), mesh=mesh, **own)
       out[stage.name] = to_uint8(x) if as_uint8 else x
       lowres = x
       if stage.name == upto:
