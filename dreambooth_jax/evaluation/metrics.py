@@ -130,8 +130,10 @@ def _has_safetensors(folder: str) -> bool:
              for n in ("model.safetensors", "model.safetensors.index.json"))
 
 
-def check_encoder_paths(dino: str | None, clip: str | None, lpips: str | None) -> None:
-  """Fails before any generation when an encoder folder or the LPIPS file is missing.
+def check_encoder_paths(dino: str | None, clip: str | None, lpips: str | None, *,
+                        need_lpips: bool = True) -> None:
+  """Fails before any generation when an encoder folder or the LPIPS file is missing
+  (an unset `lpips` passes when not `need_lpips`: DIV is then not scored).
 
   Every problem is listed in one WeightsError naming the flag, the path and what to put there.
   """
@@ -152,9 +154,9 @@ def check_encoder_paths(dino: str | None, clip: str | None, lpips: str | None) -
                       f"CLIP-T needs: download them from {CLIP_REPO} into that folder")
   convert = ("python experiments/convert_lpips.py --net=alex --out=FILE, once, where torch and "
              "the lpips package are installed")
-  if not lpips:
+  if not lpips and need_lpips:
     problems.append(f"--lpips is not set: pass the LPIPS safetensors file ({convert})")
-  elif not os.path.isfile(str(lpips)):
+  elif lpips and not os.path.isfile(str(lpips)):
     problems.append(f"--lpips={lpips} is not a file: create it with "
                     f"{convert.replace('FILE', str(lpips))}")
   if problems:
@@ -179,7 +181,8 @@ def _pure(model: nnx.Module, method: str):
 
 
 class Encoders:
-  """DINO, CLIP (+ tokenizer) and LPIPS: uint8 images and prompts -> the metrics' inputs."""
+  """DINO, CLIP (+ tokenizer) and LPIPS: uint8 images and prompts -> the metrics' inputs.
+  `lpips` may be None (`has_lpips` False): then DIV cannot be scored."""
 
   def __init__(self, dino: nnx.Module, clip: nnx.Module, tokenizer, lpips, *, batch: int = 32):
     self.batch = batch
@@ -192,13 +195,18 @@ class Encoders:
     # callable (a test stand-in, or an already-jitted function) is used as it is.
     self._lpips = _pure(lpips, "__call__") if isinstance(lpips, nnx.Module) else lpips
 
+  @property
+  def has_lpips(self) -> bool:
+    return self._lpips is not None
+
   @classmethod
-  def load(cls, dino: str, clip: str, lpips: str, *, batch: int = 32) -> "Encoders":
-    check_encoder_paths(dino, clip, lpips)
+  def load(cls, dino: str, clip: str, lpips: str | None, *, batch: int = 32,
+           need_lpips: bool = True) -> "Encoders":
+    check_encoder_paths(dino, clip, lpips, need_lpips=need_lpips)
     from dreambooth_jax.weights.encoders import load_clip, load_dino
     from dreambooth_jax.weights.lpips import load_lpips
-    return cls(load_dino(dino), load_clip(clip), load_clip_tokenizer(clip), load_lpips(lpips),
-               batch=batch)
+    return cls(load_dino(dino), load_clip(clip), load_clip_tokenizer(clip),
+               load_lpips(lpips) if lpips else None, batch=batch)
 
   def _embed(self, fn, pixels: np.ndarray) -> np.ndarray:
     out = [np.asarray(fn(chunk))[:n] for chunk, n in _padded_batches(pixels, self.batch)]

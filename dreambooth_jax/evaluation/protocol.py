@@ -151,13 +151,17 @@ def generate_jobs(tuned, folder, jobs: Sequence[Job], *, seed: int, batch_size: 
 
 
 def score_generated(enc: metrics.Encoders, jobs: Sequence[Job], images: dict[str, np.ndarray],
-                    class_images: np.ndarray, real_dino: np.ndarray, real_clip: np.ndarray):
-  """(metrics of one row, per-prompt metrics)."""
+                    class_images: np.ndarray | None, real_dino: np.ndarray, real_clip: np.ndarray):
+  """(metrics of one row, per-prompt metrics). PRES is None without `class_images`, DIV
+  without an LPIPS network (`enc.has_lpips`): a training job's in-loop evaluation may
+  skip both."""
   flat = np.concatenate([images[j.key] for j in jobs])
   prompt_of = np.concatenate([np.full(j.num, i) for i, j in enumerate(jobs)])
   dino, clip_img = enc.dino(flat), enc.clip_image(flat)
   clip_t = metrics.clip_t(clip_img, enc.clip_text([j.text for j in jobs]), prompt_of)
-  div, div_per, _ = metrics.diversity(enc.lpips, [images[j.key] for j in jobs])
+  div, div_per = None, [None] * len(jobs)
+  if enc.has_lpips:
+    div, div_per, _ = metrics.diversity(enc.lpips, [images[j.key] for j in jobs])
   per_prompt = []
   for i, j in enumerate(jobs):
     sel = prompt_of == i
@@ -169,7 +173,8 @@ def score_generated(enc: metrics.Encoders, jobs: Sequence[Job], images: dict[str
   row = {"DINO": metrics.mean_pairwise_cosine(dino, real_dino),
          "CLIP-I": metrics.mean_pairwise_cosine(clip_img, real_clip),
          "CLIP-T": float(clip_t.mean()),
-         "PRES": metrics.mean_pairwise_cosine(enc.dino(class_images), real_dino),
+         "PRES": (None if class_images is None
+                  else metrics.mean_pairwise_cosine(enc.dino(class_images), real_dino)),
          "DIV": div}
   return row, per_prompt
 
@@ -332,17 +337,25 @@ def run(workdirs: Sequence[str], dataset: str, subject: str, dino: str, clip: st
   return report
 
 
-def format_score(v: float | None) -> str:
-  """A score as the report prints it: three decimals, or N/A where it does not apply."""
-  return "N/A" if v is None else f"{v:.3f}"
+def format_score(v: float | Mapping[str, float] | None) -> str:
+  """A score as the reports print it: three decimals, "mean ± std" for a {mean, std}
+  spread, or N/A where it does not apply."""
+  if v is None:
+    return "N/A"
+  if isinstance(v, Mapping):
+    return f"{format_score(v['mean'])} ± {format_score(v['std'])}"
+  return f"{v:.3f}"
 
 
-def table(rows: Iterable[tuple[str, Mapping[str, float | None]]]) -> list[str]:
-  """Markdown lines of the paper's Table 1 layout (+ PRES, DIV): a row per (label, scores)."""
-  lines = ["| Method | " + " | ".join(f"{m} {ARROWS[m]}" for m in METRICS) + " |",
-           "|---|" + "---:|" * len(METRICS)]
+def table(rows: Iterable[tuple[str, Mapping[str, Any]]], names: Sequence[str] = METRICS,
+          arrows: Mapping[str, str] = ARROWS, *, first: str = "Method") -> list[str]:
+  """Markdown lines of the paper's Table 1 layout (+ PRES, DIV): a row per (label, scores);
+  scores are numbers, {mean, std} spreads or None. Other protocols pass their metrics'
+  `names` and `arrows`, and `first` names the label column."""
+  lines = [f"| {first} | " + " | ".join(f"{m} {arrows[m]}" for m in names) + " |",
+           "|---|" + "---:|" * len(names)]
   for label, values in rows:
-    lines.append(f"| {label} | " + " | ".join(format_score(values.get(m)) for m in METRICS) + " |")
+    lines.append(f"| {label} | " + " | ".join(format_score(values.get(m)) for m in names) + " |")
   return lines
 
 

@@ -45,7 +45,7 @@ from dreambooth_jax import grids, sharding, utils
 from dreambooth_jax.evaluation import metrics
 from dreambooth_jax.evaluation.protocol import (CLASS_KEY, CLASS_RNG_INDEX, EvalError, Job,
                                                 check_counts, check_workdirs, format_score,
-                                                generate_row)
+                                                generate_row, table as protocol_table)
 from dreambooth_jax.world import evaluator as evaluator_lib
 from dreambooth_jax.world import scene as scene_lib
 from dreambooth_jax.world import subjects as subjects_lib
@@ -238,16 +238,12 @@ def run(workdirs: Sequence[str], subject: str, *, evaluator: str | None = None,
 
 def format_spread(v: Mapping[str, float] | None) -> str:
   """{mean, std} as "0.812 ± 0.034", or N/A."""
-  return "N/A" if v is None else f"{format_score(v['mean'])} ± {format_score(v['std'])}"
+  return format_score(v)
 
 
 def table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
   """Markdown lines of the benchmark's table layout with the world's metrics, a row per row."""
-  lines = ["| Method | " + " | ".join(f"{m} {ARROWS[m]}" for m in METRICS) + " |",
-           "|---|" + "---:|" * len(METRICS)]
-  lines += [f"| {r['label']} | " + " | ".join(format_spread(r["metrics"][m]) for m in METRICS)
-            + " |" for r in rows]
-  return lines
+  return protocol_table([(r["label"], r["metrics"]) for r in rows], METRICS, ARROWS)
 
 
 def format_row(row: Mapping[str, Any]) -> str:
