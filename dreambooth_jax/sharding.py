@@ -102,6 +102,12 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh
   return P(*spec)
 
 
+def replicated(rules=DEFAULT_RULES) -> tuple[tuple[str, Any], ...]:
+  """`rules` with every logical axis replicated: for a small model whose activations, not
+  its weights, are the memory (the x4 upscaler's VAE: 0.2 GiB of weights, 1024 px images)."""
+  return tuple((name, None) for name, _ in rules)
+
+
 def param_specs(state: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
   """Maps an nnx State (concrete or abstract) to a pytree of PartitionSpecs.
 

@@ -5,6 +5,7 @@ r"""TPUv4 memory and time plan for full-size IF fine-tuning, from CPU ahead-of-t
   python experiments/plan_tpu.py --model=if-i-xl --mesh=v4-32 --param_dtype=bfloat16 --no-remat
   python experiments/plan_tpu.py --model=t5 --what=encode          # T5-XXL embedding pass
   python experiments/plan_tpu.py --model=if-i-xl --what=sample     # one guided prior-sampling step
+  python experiments/plan_tpu.py --what=cascade     # the 3-stage sampler to 1024 px, per image
   python experiments/plan_tpu.py --tiny --json=/tmp/plan.json      # tiny models, 4 devices (test)
   python experiments/plan_tpu.py --model=if-i-xl --topology=v5e-1 --lora=16 --xla_report
                                    # ... and how much of temp is XLA:CPU's f32 weight copies
@@ -21,7 +22,11 @@ What is compiled (`--what`):
           axis over the data axes when it divides), state donated, as `train.run` does;
   encode  `embeddings.encode_batch`, the T5 v1.1 XXL pass over a padded 77-token batch;
   sample  one classifier-free-guided UNet call (`samplers.guided_output`, batch 2x) on the
-          class-prior batch, as `priors` / `Cascade.sample` run it, frozen params.
+          class-prior batch, as `priors` / `Cascade.sample` run it, frozen params;
+  cascade the three-stage sampler to 1024 px (IF-I-XL, IF-II-L, then the SD x4 upscaler with
+          its CLIP text encoder and VAE decode; `plan_sampler.py`): every program it runs,
+          per-device peak of each phase with the weights resident by then, and time per
+          1024 px image (`--model` does not apply).
 
 Reported numbers come from the compiled object:
   * param bytes / device: each parameter's shard shape under `compiled.input_shardings`;
@@ -75,7 +80,7 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--model", choices=MODELS, default="both",
                  help="if-i-xl (base, 64 px), if-ii-l (sr256, 256 px), both (tuned together), t5")
-  p.add_argument("--what", default="train", help="comma list of train, encode, sample")
+  p.add_argument("--what", default="train", help="comma list of train, encode, sample, cascade")
   p.add_argument("--topology", "--mesh", dest="mesh", choices=tuple(TOPOLOGIES), default="v4-8",
                  help="devices, memory and peak FLOP/s: " + ", ".join(TOPOLOGIES))
   p.add_argument("--lora", type=int, default=0,
@@ -119,7 +124,7 @@ def parse_args(argv=None):
                       "checkpoint, export); --what=train,encode,sample gives all of them")
   args = p.parse_args(argv)
   args.what = tuple(w.strip() for w in args.what.split(",") if w.strip())
-  bad = set(args.what) - {"train", "encode", "sample"}
+  bad = set(args.what) - {"train", "encode", "sample", "cascade"}
   if bad:
     p.error(f"--what: unknown {sorted(bad)}")
   if args.model == "t5":
@@ -163,6 +168,7 @@ from dreambooth_jax import state as state_lib  # noqa: E402
 from dreambooth_jax.models import t5 as t5_lib  # noqa: E402
 from dreambooth_jax.models import unet as unet_lib  # noqa: E402
 from dreambooth_jax.weights.t5 import abstract_t5_encoder  # noqa: E402
+import plan_sampler  # noqa: E402  (this folder's: sys.path[0] is the script's)
 
 
 # ----------------------------------------------------------------------------
@@ -460,12 +466,17 @@ LOWER = dict(train=lower_train, encode=lower_encode, sample=lower_sample)
 
 def lower(kind: str, args, config, mesh, rules):
   """(lowered, params, description) of `kind`, traced as the TPU program would be."""
+  return as_on_tpu(mesh, lambda: LOWER[kind](args, config, mesh, rules))
+
+
+def as_on_tpu(mesh, lower_fn):
+  """`lower_fn()` traced as the TPU program would be."""
   # Attention as a TPU runs it: the CPU backend's query chunking (a lax.map whose
   # backward keeps every chunk's probabilities) is not part of the TPU program.
   unet_lib.CHUNK_QUERIES = False
   try:
     with jax.set_mesh(mesh):  # as the trainer traces: UNets pin activations' batch axis
-      return LOWER[kind](args, config, mesh, rules)
+      return lower_fn()
   finally:
     unet_lib.CHUNK_QUERIES = None
 
@@ -530,6 +541,55 @@ def format_phase(r: dict) -> str:
           f"  host {r['host'] / GIB:7.2f} GiB  {r['note']}")
 
 
+# ----------------------------------------------------------------------------
+# The three-stage sampler to 1024 px (--what=cascade; its stage III in plan_sampler.py)
+# ----------------------------------------------------------------------------
+
+def plan_cascade(args, mesh) -> list[dict]:
+  """Compiles every program `Cascade.sample(..., prompts=...)` runs on the way to 1024 px
+  (T5, IF-I-XL and IF-II-L guided calls, the x4 upscaler's CLIP, UNet and VAE decode) on
+  `mesh`, prints a row for each and then the sampler's phases (`plan_sampler`)."""
+  config = make_config(args)
+  if args.tiny:  # the tiny cascade's x4 upscaler is opt-in (`:stage3`)
+    config.cascade.sr1024 = imagen_dog.get_config("tiny,stage3").cascade.sr1024
+  rules = pipeline.rules_of(config)
+  b = args.sample_batch or config.prior.batch_size
+  parts = plan_sampler.x4_upscaler(config, reference_configs_dir(args), tiny=args.tiny)
+  stage = lambda model: argparse.Namespace(**dict(vars(args), model=model, sample_batch=b))
+  programs = {  # key: (analyse's kind, the lowering)
+      "t5": ("encode", lambda: LOWER["encode"](args, config, mesh, rules)),
+      "base": ("sample", lambda: LOWER["sample"](stage("if-i-xl"), config, mesh, rules)),
+      "sr256": ("sample", lambda: LOWER["sample"](stage("if-ii-l"), config, mesh, rules)),
+      "clip": ("cascade", lambda: plan_sampler.lower_clip_encode(parts, mesh, rules)),
+      "x4_unet": ("cascade", lambda: plan_sampler.lower_x4_guided(parts, mesh, rules, b)),
+      "vae": ("cascade", lambda: plan_sampler.lower_vae_decode(parts, mesh, rules, b)),
+  }
+  rows = {}
+  for key, (kind, lower_fn) in programs.items():
+    t0 = time.perf_counter()
+    lowered, params, desc = as_on_tpu(mesh, lower_fn)
+    lower_s = time.perf_counter() - t0
+    row = analyse(kind, lowered, params, desc, args, mesh, config)
+    row.update(what=f"cascade:{key}", lower_s=lower_s)
+    row.pop("prior_set_s", None)  # a prior set is not what this plan times
+    if key == "vae":  # float32 throughout; every trip of its attention loop counted
+      row.update(param_dtype="float32", dtype="float32")
+      full, _, _ = as_on_tpu(mesh, lambda: plan_sampler.lower_vae_decode(parts, mesh, rules, b,
+                                                                         chunked=False))
+      row["flops_full_per_device"] = float(_cost(full).get("flops", 0.0)) / mesh.devices.size
+    print(format_row(row), flush=True)
+    rows[key] = row
+  steps = {n: config.cascade[n].num_steps for n in ("base", "sr256", "sr1024")}
+  phases, totals = plan_sampler.sampler_phases(rows, steps, b, HBM_GIB * GIB,
+                                               side=config.cascade.sr1024.resolution)
+  print(f"# the three-stage sampler, {b} images per call, phase by phase (per device; time at "
+        f"{args.mfu:.0%} MFU; s/image = the slice's seconds per image):", flush=True)
+  for line in plan_sampler.format_phases(phases, totals, HBM_GIB):
+    print(line, flush=True)
+  return (list(rows.values()) + [dict(what="cascade_phase", **p) for p in phases]
+          + [dict(what="cascade_total", **totals)])
+
+
 def plan(args) -> list[dict]:
   config = make_config(args)
   devices = jax.devices()[:args.devices]
@@ -537,6 +597,9 @@ def plan(args) -> list[dict]:
   rules = pipeline.rules_of(config)
   rows = []
   for kind in args.what:
+    if kind == "cascade":
+      rows += plan_cascade(args, mesh)
+      continue
     t0 = time.perf_counter()
     lowered, params, desc = lower(kind, args, config, mesh, rules)
     lower_s = time.perf_counter() - t0
@@ -544,7 +607,7 @@ def plan(args) -> list[dict]:
     row["lower_s"] = lower_s
     rows.append(row)
     print(format_row(row), flush=True)
-  if args.phases:
+  if args.phases and set(args.what) - {"cascade"}:
     print("# the whole run, phase by phase (per device):", flush=True)
     for r in run_phases(args, config, mesh, rules, {r["what"]: r for r in rows}):
       print(format_phase(r), flush=True)

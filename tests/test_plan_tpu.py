@@ -11,6 +11,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import plan_tpu  # experiments/, on the path through pytest.ini
 
 from dreambooth_jax import sharding
@@ -110,3 +111,43 @@ def test_xla_report_counts_only_allocations_of_weight_copies():
   # bf16 argument itself is no copy.
   assert copies.allocations == 2
   assert copies.swapped_bytes == int(544.5 * 2**20) and copies.same_layout_bytes == int(272.25 * 2**20)
+
+
+def test_three_stage_sampler_plan_sums_its_phases(reference_configs_dir):
+  """`--what=cascade` without compiling: stage III is built at full size from the reference
+  configs as the loader builds it (parameter counts of the published model, a float32
+  VAE), and `sampler_phases` adds the weights each phase finds resident, counts every
+  denoising step and scales the VAE decode to the FLOPs of its unrolled attention loop."""
+  import plan_sampler
+  from flax import nnx
+  config = plan_tpu.imagen_dog.get_config("if")
+  parts = plan_sampler.x4_upscaler(config, reference_configs_dir)
+  count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+  assert (count(parts.stage.abstract_params), count(nnx.state(parts.text)),
+          count(nnx.state(parts.vae()))) == (473_398_020, 340_387_840, 55_325_927)
+  unchunked = parts.vae(chunked=False)  # for its FLOPs; the chunked one is what runs
+  assert {x.dtype for x in jax.tree.leaves(nnx.state(unchunked))} == {np.dtype("float32")}
+  attention = lambda vae: vae.decoder.mid_block.attentions[0].max_scores
+  assert attention(unchunked) is None and attention(parts.vae()) == plan_sampler.vae_lib.MAX_SCORES
+  assert (parts.stage.lowres_resolution, parts.stage.settings.resolution) == (256, 1024)
+
+  gib = plan_sampler.GIB
+  row = lambda params, peak, step_s: dict(param_bytes_per_device=params * gib,
+                                          peak_bytes_per_device=peak * gib, step_s=step_s)
+  rows = {"t5": row(2, 3, 0.01), "base": row(4, 6, 0.2), "sr256": row(1, 3, 0.3),
+          "clip": row(0.5, 0.6, 0.001), "x4_unet": row(0.5, 5, 0.4),
+          "vae": dict(row(0.1, 20, 0.5), flops_per_device=1.0, flops_full_per_device=3.0)}
+  steps = {"base": 100, "sr256": 50, "sr1024": 75}
+  phases, totals = plan_sampler.sampler_phases(rows, steps, batch=4, hbm_bytes=25 * gib)
+  by = {p["key"]: p for p in phases}
+  assert [p["key"] for p in phases] == ["t5", "base", "sr256", "clip", "x4_unet", "vae"]
+  assert by["t5"]["resident"] == by["base"]["resident"] == 0  # T5 is released before the UNets
+  assert by["sr256"]["resident"] == 4 * gib and by["vae"]["resident"] == 6 * gib
+  assert by["vae"]["peak"] == 26 * gib and not by["vae"]["fits"] and by["x4_unet"]["fits"]
+  assert by["base"]["seconds"] == pytest.approx(20.0) and by["x4_unet"]["calls"] == 75
+  assert by["vae"]["seconds"] == pytest.approx(1.5)  # 0.5 s counted the loop once of 3x
+  latency = 0.01 + 20 + 15 + 0.001 + 30 + 1.5
+  assert totals["latency_s"] == pytest.approx(latency)
+  assert totals["per_image_s"] == pytest.approx(latency / 4)
+  assert totals["peak_phase"] == "sr1024 VAE decode" and not totals["fits"]
+  assert any("DOES NOT FIT" in line for line in plan_sampler.format_phases(phases, totals, 25))
