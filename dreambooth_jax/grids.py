@@ -41,6 +41,18 @@ def save_grid(path, rows: Sequence[tuple[str, Mapping[str, np.ndarray]]], *, cel
   utils.write_png(path, grid)
 
 
+def save_last_stage(path, rows: Sequence[tuple[str, Mapping[str, np.ndarray]]]) -> tuple[str, int]:
+  """Every row's last-stage images at full size beside the grid at `path`, as
+  `<stem>_<row>_<image>_<stage>.png` (1024 px from the x4 upscaler are lost in a 128 px
+  tile); returns (that stage, its side in px)."""
+  path = utils.as_path(path)
+  for i, (_, images) in enumerate(rows):
+    stage, last = list(images.items())[-1]
+    for k, image in enumerate(last):
+      utils.write_png(path.parent / f"{path.stem}_{i}_{k}_{stage}.png", image)
+  return stage, int(last.shape[1])
+
+
 def square_thumbnail(image: Image.Image, size: int = 128) -> np.ndarray:
   """Center crop to a square and resize (bicubic): real photos differ in size, a grid row
   must not."""

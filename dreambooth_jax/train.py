@@ -204,7 +204,9 @@ def run(config, workdir):
   def write_samples(ps: state_lib.PhaseSetup, state, step: int):
     """Every preview prompt x log.num_samples, sampled in batches shaped exactly as the
     class-prior batches (same size, same mesh): the cascade's sampling programs, compiled
-    for the priors, are reused instead of compiled again for the grid."""
+    for the priors, are reused instead of compiled again for the grid. Past the priors'
+    stages, a stage III (`config.pretrained.stage_3`) takes them to 1024 px, written
+    at full size beside the grid too."""
     params = lora_lib.bind_all(ps.stages, {name: p for name, p in state["params"].items()
                                            if name in ps.stages})
     rows = state_lib.learned_rows(state)
@@ -221,18 +223,14 @@ def run(config, workdir):
     n = config.log.num_samples
     wanted = [p for p in previews for _ in range(n)]
     size = config.prior.batch_size if prior_images is not None else len(wanted)
-    images = {}
-    for k, begin in enumerate(range(0, len(wanted), size)):
-      chunk = wanted[begin:begin + size]
-      cond = embeddings.stack_embeddings(table_now, chunk + [chunk[-1]] * (size - len(chunk)))
-      out = models.cascade.sample(cond, jax.random.key(1234 + k), uncond_embeddings=uncond_now,
-                                  params=params, batch_size=size, mesh=mesh)
-      for stage_name, x in out.items():
-        images.setdefault(stage_name, []).append(x[:len(chunk)])
-    images = {k: np.concatenate(v) for k, v in images.items()}
+    images = sample_previews(models.cascade, table_now, uncond_now, wanted, batch=size,
+                             params=params, mesh=mesh)
     grid = [(p, {k: v[i * n:(i + 1) * n] for k, v in images.items()}) for i, p in enumerate(previews)]
     if lead:
-      grids.save_grid(workdir / "samples" / f"step_{step:06d}.png", grid)
+      path = workdir / "samples" / f"step_{step:06d}.png"
+      grids.save_grid(path, grid)
+      if getattr(models.cascade.stages[-1], "own_text_encoder", False):
+        grids.save_last_stage(path, grid)  # 1024 px images say little as grid tiles
 
   # == Phases (one for DreamBooth and TI, two for ti_then_finetune) ====================
   writer = metrics_writer.MetricsWriter(workdir, tensorboard=config.log.tensorboard and lead)
@@ -291,6 +289,25 @@ def run(config, workdir):
   writer.close()
   print(f"done: {t.steps} steps; checkpoint, export/ and samples/ in {workdir}", flush=True)
   return state
+
+
+def sample_previews(cascade, table, uncond, prompts, *, batch: int, params, mesh
+                    ) -> dict[str, np.ndarray]:
+  """{stage: uint8 [len(prompts), H, W, 3]} of `prompts` (one per image, each in `table`),
+  sampled `batch` at a time (the last batch padded with its last prompt, the padding
+  dropped), batch k with key 1234 + k. The prompt texts go along (`prompts=`): a stage
+  with a text encoder of its own, the x4 upscaler as stage III, reads them, so with
+  `config.pretrained.stage_3` the previews reach 1024 px."""
+  images = {}
+  for k, begin in enumerate(range(0, len(prompts), batch)):
+    chunk = list(prompts[begin:begin + batch])
+    padded = chunk + [chunk[-1]] * (batch - len(chunk))
+    out = cascade.sample(embeddings.stack_embeddings(table, padded), jax.random.key(1234 + k),
+                         uncond_embeddings=uncond, params=params, batch_size=batch, mesh=mesh,
+                         prompts=padded)
+    for stage_name, x in out.items():
+      images.setdefault(stage_name, []).append(x[:len(chunk)])
+  return {k: np.concatenate(v) for k, v in images.items()}
 
 
 def record_step(config, done: int, end: int, state, metrics, *, ckpt, writer, progress, workdir,

@@ -197,6 +197,37 @@ def test_sample_cli_writes_a_grid(full_run, tmp_path):
   assert (tmp_path / "grid.png").stat().st_size > 0
 
 
+def test_previews_hand_the_prompt_texts_to_the_cascade(tmp_path):
+  """train's preview batches (`sample_previews`, no model): every batch full, the last
+  padded with its last prompt and the padding dropped, and the prompt texts handed over
+  with their embeddings, so a stage III that encodes them itself runs (1024 px previews,
+  written at full size beside the grid as the sample CLI writes them)."""
+  from dreambooth_jax import embeddings, grids
+
+  class FakeCascade:  # what Cascade.sample returns: every stage it ran, its own text stage too
+    calls = []
+
+    def sample(self, cond, rng, *, uncond_embeddings, params, batch_size, mesh, prompts):
+      self.calls.append((list(prompts), cond["text"][:, 0, 0].tolist()))
+      assert len(prompts) == cond["text"].shape[0] == batch_size
+      tag = np.array([ord(p[-1]) for p in prompts], np.uint8)[:, None, None, None]
+      return {"base": np.broadcast_to(tag, (batch_size, 2, 2, 3)),
+              "sr1024": np.broadcast_to(tag, (batch_size, 8, 8, 3))}
+
+  table = {p: embeddings.PromptEmbedding(np.full((3, 4), i, np.float32), np.ones(3, np.int32))
+           for i, p in enumerate(["a", "b", "c", ""])}
+  cascade = FakeCascade()
+  out = train_lib.sample_previews(cascade, table, embeddings.stack_embeddings(table, [""]),
+                                  ["a", "a", "b", "b", "c"], batch=2, params={}, mesh=None)
+  assert cascade.calls == [(["a", "a"], [0, 0]), (["b", "b"], [1, 1]), (["c", "c"], [2, 2])]
+  assert {k: v.shape for k, v in out.items()} == {"base": (5, 2, 2, 3), "sr1024": (5, 8, 8, 3)}
+  assert out["sr1024"][:, 0, 0, 0].tolist() == [ord(c) for c in "aabbc"]
+  rows = [(p, {k: v[2 * i:2 * i + 2] for k, v in out.items()}) for i, p in enumerate("ab")]
+  assert grids.save_last_stage(tmp_path / "step_000004.png", rows) == ("sr1024", 8)
+  assert sorted(p.name for p in tmp_path.iterdir()) == [
+      f"step_000004_{i}_{k}_sr1024.png" for i in range(2) for k in range(2)]
+
+
 @pytest.mark.parametrize("name", ["adafactor", "adamw_bf16_mu", "per_stage"])
 def test_memory_saving_optimizers_place_and_learn(name):
   """Adafactor, AdamW with a bfloat16 first moment, and one optimizer per stage (the `if`
