@@ -7,6 +7,9 @@ checkpoint learned (orbax reshards: a TPU-trained workdir samples on a laptop),
 and embeds prompts through the workdir's prompt cache, so T5 is loaded only for
 prompts it has not seen. Tuned stages never load their pretrained weights: the
 checkpoint's params take their place.
+
+`stage_3=` adds DeepFloyd's public stage III (the SD x4 upscaler download) to a
+workdir trained without one, so it samples to 1024 px (`with_stage_3`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from dreambooth_jax import config_lib, embeddings, methods, pipeline, prompts, s
 from dreambooth_jax import state as state_lib
 from dreambooth_jax import identifiers, utils
 from dreambooth_jax import lora as lora_lib
+from dreambooth_jax import weights
+from dreambooth_jax.weights import sd_upscaler
 
 
 def load_config(workdir) -> Any:
@@ -34,6 +39,39 @@ def load_config(workdir) -> Any:
     raise state_lib.TrainError(f"{str(workdir)!r} has no config.json: not a dreambooth_jax.train "
                                "workdir")
   return config_lib.load(path)
+
+
+def check_stage_3(folder: str) -> str:
+  """The stabilityai/stable-diffusion-x4-upscaler download `folder` names (its root; its
+  unet/ is accepted too), checked from configs and safetensors headers only
+  (`weights.check_sd_upscaler`: about a second at full size). Anything else is a
+  WeightsError of one paragraph that says what the folder holds."""
+  root = sd_upscaler.download_root(folder)  # a bare unet/ with no pipeline around it raises
+  if root is None:
+    # Not the upscaler: the preflight names what it is (an IF stage, T5, nothing readable)...
+    weights.check_pretrained({"stage_3": folder})
+    # ...or it is an IF-style pixel SR UNet, which this option does not add.
+    raise weights.WeightsError(
+        f"--stage_3={folder}: holds an IF-style pixel super-resolution UNet, not the x4 "
+        f"upscaler; --stage_3 adds DeepFloyd's public stage III, the whole "
+        f"{sd_upscaler.REPO} download (the folder with model_index.json, unet/, vae/, "
+        "text_encoder/, tokenizer/ and the schedulers).")
+  sd_upscaler.check_sd_upscaler(root)
+  return root
+
+
+def with_stage_3(config, folder: str, workdir=None):
+  """A workdir's `config` with the x4 upscaler download `folder` (checked first,
+  `check_stage_3`) as its stage III, `config.pretrained.stage_3`: the tuned stages
+  are untouched and the upscaler samples their 256 px images to 1024 px, frozen."""
+  who = workdir if workdir is not None else "this config"
+  if config.model.kind != "pretrained":
+    raise config_lib.ConfigError(
+        f"--stage_3: {who} uses the tiny random cascade (config.model.kind="
+        f"{config.model.kind!r}), which has no IF stages for the x4 upscaler download to follow; "
+        "a tiny run gets a tiny random stage III from configs/imagen_dog.py:stage3")
+  config.pretrained.stage_3 = check_stage_3(folder)  # set in place: a workdir's fresh copy
+  return config
 
 
 def restore_params(config, models: pipeline.Models, workdir, step: int | None = None):
@@ -75,9 +113,13 @@ class FineTuned:
   text_encoder: Any = None  # T5 with its LoRA adapters (`lora.Adapted`), if they learned
 
   @classmethod
-  def load(cls, workdir, step: int | None = None, mesh=None) -> "FineTuned":
-    """`mesh` defaults to every local device on fsdp."""
+  def load(cls, workdir, step: int | None = None, mesh=None, *,
+           stage_3: str | None = None) -> "FineTuned":
+    """`mesh` defaults to every local device on fsdp; `stage_3` adds the x4 upscaler
+    download as stage III (`with_stage_3`, checked before any model is built)."""
     config = load_config(workdir)
+    if stage_3:
+      config = with_stage_3(config, stage_3, workdir)
     models = pipeline.build(config, mesh if mesh is not None else sharding.make_mesh())
     identifier = prompts.read_identifier(workdir)
     params, step = restore_params(config, models, workdir, step)
@@ -135,9 +177,11 @@ class FineTuned:
 
 
 def sample(workdir, texts: list[str], *, num: int = 4, seed: int = 0, step: int | None = None,
-           upto: str | None = None) -> list[tuple[str, dict[str, np.ndarray]]]:
-  """[(prompt, {stage: uint8 [num, H, W, 3]})] from a workdir's fine-tuned cascade."""
-  tuned = FineTuned.load(workdir, step)
+           upto: str | None = None, stage_3: str | None = None
+           ) -> list[tuple[str, dict[str, np.ndarray]]]:
+  """[(prompt, {stage: uint8 [num, H, W, 3]})] from a workdir's fine-tuned cascade
+  (`stage_3`: the x4 upscaler download, for a workdir trained without it)."""
+  tuned = FineTuned.load(workdir, step, stage_3=stage_3)
   print(f"sampling {workdir} at step {tuned.step} (identifier {tuned.identifier.text!r})", flush=True)
   tuned.embed(list(texts) + [""])  # one T5 load for every prompt not in the cache
   return [(tuned.fill(p), tuned.generate(p, num, jax.random.key(seed + i), upto=upto))

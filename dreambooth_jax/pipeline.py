@@ -134,6 +134,11 @@ def _stage_names(config, tuned: tuple[str, ...]) -> list[str]:
   return names
 
 
+def stage_names(config) -> list[str]:
+  """The stages `build(config)` makes, in order, from the config alone (no folder read)."""
+  return _stage_names(config, config_lib.parse_stages(config.stages))
+
+
 def tiny_x4_upscaler(config) -> bool:
   """Whether the tiny cascade's sr1024 is a tiny x4 latent upscaler (`config.tiny.x4_upscaler`,
   opt-in: a third stage to compile would slow every tiny run and test)."""

@@ -18,9 +18,11 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionUpscalePipeline
 
-from dreambooth_jax import cascade, config_lib, diffusion, embeddings, pipeline, samplers, upscaler
+from dreambooth_jax import cascade, config_lib, diffusion, embeddings, finetuned, pipeline, samplers
+from dreambooth_jax import upscaler
 from dreambooth_jax import weights
 from dreambooth_jax.weights import WeightsError
+from conftest import run_cli
 from if_repos import reference_config
 from test_sd_upscaler import repo  # noqa: F401  (the tiny download fixture)
 from test_if_pipelines import STEPS
@@ -141,6 +143,9 @@ def test_three_stage_cascade_matches_upscale_pipeline(if_repos, repo, monkeypatc
         f"models): final latents max abs err {err_latents:.2e} (std {latents[0].std():.3f}), "
         f"images [0, 1] max abs err {err:.2e} (std {theirs.std():.3f})")
   assert theirs.std() > 0.02 and err_latents < TOL and err < TOL
+  # The VAE (0.2 GiB at full size) is replicated: its 1024 px activations are the memory.
+  assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(stage._vae.get()))
+  assert not all(x.sharding.is_fully_replicated for x in jax.tree.leaves(stage.params))
 
   # Without prompt texts (class priors, training previews) the cascade ends at stage II,
   # with the same images; naming stage III then is an error.
@@ -187,3 +192,33 @@ def test_wrong_stage_three_folder_is_one_paragraph(if_repos, repo, tmp_path):
       assert fragment in msg, (fragment, msg)
   checked = weights.check_pretrained({"stage_3": os.path.join(folder, "unet")})  # its parent
   assert checked.upscaler.folder == folder and not checked.unets
+
+  # --stage_3 (sample / evaluate CLIs, FineTuned.load) takes only the upscaler download: the
+  # same paragraphs, and one for an IF-style pixel SR UNet, which a config's stage_3 accepts.
+  cases[if_repos["stage_2"]] = ["IF-style pixel super-resolution UNet", "model_index.json"]
+  for given, fragments in cases.items():
+    with pytest.raises(WeightsError) as e:
+      finetuned.check_stage_3(given)
+    msg = str(e.value)
+    assert given in msg and "\n" not in msg and all(f in msg for f in fragments), msg
+  assert finetuned.check_stage_3(os.path.join(folder, "unet")) == folder
+
+
+def test_stage_three_joins_a_workdir_trained_without_it(if_repos, repo, tmp_path):
+  """`--stage_3` on a workdir of the IF stages (its config.json as saved): its config gains
+  the x4 upscaler as stage III after the tuned stages; a wrong folder stops the sample CLI
+  with one paragraph (exit 2) before any model is built."""
+  folder, _ = repo
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  config_lib.save(if_config(if_repos, **{"cascade.sr1024.resolution": 128}), workdir / "config.json")
+  config = finetuned.with_stage_3(finetuned.load_config(workdir), folder, workdir)
+  # What the three-stage test above builds from (pretrained.stage_3 = the download).
+  assert config.pretrained.stage_3 == folder and config.stages == "base+sr256"
+  assert pipeline.stage_names(config) == ["base", "sr256", "sr1024"]
+  r = run_cli("dreambooth_jax.sample", f"--workdir={workdir}", "--prompt=a [V] dog",
+              f"--stage_3={if_repos['stage_1']}")
+  print(f"\nsample --stage_3=<IF-I>: exit {r.returncode}: {r.stderr.strip()}")
+  assert r.returncode == 2 and "Traceback" not in r.stderr
+  assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+  assert "stabilityai/stable-diffusion-x4-upscaler" in r.stderr
