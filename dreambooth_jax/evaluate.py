@@ -15,6 +15,15 @@ It prints each row's DINO, CLIP-I, CLIP-T, PRES and DIV and writes report.md
 and report.json to `--out` (default <first workdir>/eval). Generation
 resumes where an interrupted run stopped.
 
+The images scored are the last cascade stage's; `--stage=base|sr256|sr1024`
+scores another stage's at its size (the cascade stops there; default --out
+<first workdir>/eval_<stage>). `--stage_3=` the
+stabilityai/stable-diffusion-x4-upscaler download gives workdirs trained without
+a stage III one, so they are scored at 1024 px:
+
+  python -m dreambooth_jax.evaluate --workdir=gs://bucket/dog --dataset=... --subject=dog \
+      --dino=... --clip=... --lpips=... --stage_3=stable-diffusion-x4-upscaler
+
 `--protocol=world` evaluates a subject of the procedural world
 (`dreambooth_jax.world`) with the world's own classifier instead of DINO,
 CLIP and LPIPS (no --dataset, --dino, --clip or --lpips):
@@ -64,6 +73,10 @@ flags.DEFINE_bool("real", False, "Add the real-images row (real vs real, the upp
 flags.DEFINE_string("evaluator", None, "World protocol: the world evaluator file (default: the "
                     "packaged dreambooth_jax/assets/world_evaluator.safetensors).")
 flags.DEFINE_integer("batch_size", 8, "Images generated per cascade call.")
+flags.DEFINE_string("stage", None, "The cascade stage whose images are scored: base, sr256 or "
+                    "sr1024 (default: each workdir's last).")
+flags.DEFINE_string("stage_3", None, "The stabilityai/stable-diffusion-x4-upscaler download, "
+                    "added as stage III (1024 px) to workdirs trained without one.")
 
 
 def main(argv):
@@ -75,17 +88,21 @@ def main(argv):
     if f.num_prompts is not None:
       raise protocol.EvalError("--num_prompts: the world protocol always uses its 4 held-out "
                                "contexts; leave the flag out")
+    if f.stage_3:
+      raise protocol.EvalError("--stage_3: world workdirs are tiny cascades of 32 and 64 px; the "
+                               "x4 upscaler follows IF's pretrained stages only")
     report = world_protocol.run(workdirs, f.subject, evaluator=f.evaluator,
                                 num_images=f.num_images, num_class_images=f.num_class_images,
-                                out=f.out, seed=f.seed, batch_size=f.batch_size)
-    out = f.out or utils.as_path(workdirs[0]) / "eval_world"
+                                out=f.out, seed=f.seed, batch_size=f.batch_size, stage=f.stage)
+    out = f.out or protocol.default_out(workdirs, "eval_world", f.stage)
     lines = [world_protocol.format_row(r) for r in report["rows"]]
   else:
     report = protocol.run(workdirs, f.dataset, f.subject, f.dino, f.clip, f.lpips,
                           num_images=f.num_images, num_prompts=f.num_prompts,
                           protocol=f.protocol, real=f.real, out=f.out, seed=f.seed,
-                          num_class_images=f.num_class_images, batch_size=f.batch_size)
-    out = f.out or utils.as_path(workdirs[0]) / "eval"
+                          num_class_images=f.num_class_images, batch_size=f.batch_size,
+                          stage=f.stage, stage_3=f.stage_3)
+    out = f.out or protocol.default_out(workdirs, "eval", f.stage)
     lines = [f"{r['label']}: " + "  ".join(f"{m} {protocol.format_score(r['metrics'][m])}"
                                            for m in protocol.METRICS) for r in report["rows"]]
   for line in lines:

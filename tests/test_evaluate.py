@@ -120,12 +120,11 @@ def test_manifest_regenerates_missing_and_stale_images(tmp_path):
   """The manifest logic without a cascade: a changed entry drops that prompt's PNGs."""
   from dreambooth_jax.evaluation import protocol
 
-  class FakeStage:
-    name = "base"
+  stage = lambda name: type("S", (), {"name": name})()
 
   class FakeTuned:
     workdir, step = str(tmp_path), 3
-    models = type("M", (), {"cascade": type("C", (), {"stages": [FakeStage()]})()})()
+    models = type("M", (), {"cascade": type("C", (), {"stages": [stage("base"), stage("sr256")]})()})()
     calls = []
 
     def fill(self, p):
@@ -134,22 +133,54 @@ def test_manifest_regenerates_missing_and_stale_images(tmp_path):
     def embed(self, prompts):
       pass
 
-    def generate(self, prompt, n, rng, mesh=None):
+    def generate(self, prompt, n, rng, upto=None, mesh=None):  # stops at `upto`, as Cascade.sample
       self.calls.append((prompt, n))
-      return {"base": np.full((n, 4, 4, 3), len(self.calls), np.uint8)}
+      out = {"base": np.full((n, 4, 4, 3), len(self.calls), np.uint8)}
+      if upto != "base":
+        out["sr256"] = np.full((n, 16, 16, 3), len(self.calls), np.uint8)
+      return out
 
   jobs = [protocol.Job("000", "a [V] dog", "a dog", 3, 0),
           protocol.Job("class", "a dog", "a dog", 2, 1)]
   tuned = FakeTuned()
   images, n = protocol.generate_jobs(tuned, str(tmp_path / "row"), jobs, seed=0, batch_size=2)
   assert n == 5 and tuned.calls == [("a [V] dog", 2), ("a [V] dog", 1), ("a dog", 2)]
-  assert images["000"].shape == (3, 4, 4, 3)
+  assert images["000"].shape == (3, 16, 16, 3)  # the last stage's, by default
   (tmp_path / "row" / "000_2.png").unlink()  # an interrupted run: only the missing chunk again
   _, n = protocol.generate_jobs(tuned, str(tmp_path / "row"), jobs, seed=0, batch_size=2)
   assert n == 1 and tuned.calls[-1] == ("a [V] dog", 1)
   tuned.step = 4  # a newer checkpoint: every prompt is stale
   _, n = protocol.generate_jobs(tuned, str(tmp_path / "row"), jobs, seed=0, batch_size=2)
   assert n == 5
+  # Scoring another stage: its images, the cascade stopped there, every prompt stale.
+  images, n = protocol.generate_jobs(tuned, str(tmp_path / "row"), jobs, seed=0, batch_size=2,
+                                     stage="base")
+  assert n == 5 and images["000"].shape == (3, 4, 4, 3)
+  with pytest.raises(protocol.EvalError, match="--stage=sr1024: the cascade of .* base, sr256"):
+    protocol.generate_jobs(tuned, str(tmp_path / "row"), jobs, seed=0, batch_size=2,
+                           stage="sr1024")
+
+
+def test_stage_is_checked_from_the_workdir_config_alone(tmp_path):
+  """--stage names a stage every workdir's cascade has, checked from config.json before any
+  model is built; sr1024 on a cascade without one points at --stage_3, which a tiny cascade
+  cannot take; the default output folder is per stage."""
+  from configs import imagen_dog
+  from dreambooth_jax import config_lib
+  from dreambooth_jax.evaluation import protocol
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  config_lib.save(imagen_dog.get_config("tiny"), workdir / "config.json")
+  protocol.check_stage([str(workdir)], None)
+  protocol.check_stage([str(workdir)], "base")
+  with pytest.raises(protocol.EvalError, match="--stage=sr512: name a cascade stage"):
+    protocol.check_stage([str(workdir)], "sr512")
+  with pytest.raises(protocol.EvalError, match="has stages base, sr256 .*--stage_3="):
+    protocol.check_stage([str(workdir)], "sr1024")
+  with pytest.raises(config_lib.ConfigError, match="tiny random cascade .*imagen_dog.py:stage3"):
+    protocol.check_stage([str(workdir)], "sr1024", stage_3=str(tmp_path))
+  assert protocol.default_out([str(workdir)], "eval", None) == workdir / "eval"
+  assert protocol.default_out([str(workdir)], "eval", "base") == workdir / "eval_base"
 
 
 def test_missing_encoder_folder_exits_2_before_generating(full_run, encoder_paths, dataset_dir,

@@ -9,7 +9,8 @@ fine-tuned cascade (`dreambooth_jax.finetuned.FineTuned`), and
 `num_class_images` of "a [class noun]" for PRES; `protocol="simple"` uses Zeng
 et al.'s single prompt "a photo of [V] [class]" with 64 images instead.
 
-Metrics (see `metrics`), on the last cascade stage's images: DINO and CLIP-I
+Metrics (see `metrics`), on the last cascade stage's images (`stage=` scores another
+stage's, at its size: base 64 px, sr256, sr1024 1024 px): DINO and CLIP-I
 (generated vs real, all pairs), CLIP-T, PRES (class-prompt generations vs
 real, DINO; lower is better), DIV (LPIPS within a prompt; higher is better).
 The real row compares real vs real over distinct pairs.
@@ -41,7 +42,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from dreambooth_jax import finetuned, grids, sharding, utils
+from dreambooth_jax import config_lib, finetuned, grids, pipeline, sharding, utils
 from dreambooth_jax.evaluation import benchmark as benchmark_lib
 from dreambooth_jax.evaluation import metrics
 
@@ -100,11 +101,14 @@ def _load_pngs(paths) -> np.ndarray:
 
 
 def generate_jobs(tuned, folder, jobs: Sequence[Job], *, seed: int, batch_size: int,
-                  mesh=None, label: str = "") -> tuple[dict[str, np.ndarray], int]:
-  """({job key: uint8 [num, H, W, 3]} of the last stage, images generated now), resumable."""
+                  mesh=None, label: str = "", stage: str | None = None
+                  ) -> tuple[dict[str, np.ndarray], int]:
+  """({job key: uint8 [num, H, W, 3]} of `stage` (default: the last), images generated
+  now), resumable. The cascade runs up to that stage only; a stage's images are the same
+  whichever stage the cascade stops at (stage i draws from fold_in(rng, i))."""
   folder = utils.as_path(folder)
   folder.mkdir(parents=True, exist_ok=True)
-  stage = tuned.models.cascade.stages[-1].name
+  stage = pick_stage(tuned, stage)
   manifest_path = folder / "manifest.json"
   manifest = utils.read_json(manifest_path) if manifest_path.exists() else {"jobs": {}}
   manifest["workdir"] = str(utils.absolute(tuned.workdir))
@@ -136,7 +140,7 @@ def generate_jobs(tuned, folder, jobs: Sequence[Job], *, seed: int, batch_size: 
       rng = jax.random.fold_in(jax.random.fold_in(base, j.rng_index), c)
       n = len(chunk)
       shard = mesh if mesh is not None and n % mesh.devices.size == 0 else None
-      images = tuned.generate(j.template, n, rng, mesh=shard)[stage]
+      images = tuned.generate(j.template, n, rng, upto=stage, mesh=shard)[stage]
       for p, img in zip(chunk, images):
         if not p.exists():
           utils.write_png(p, img)
@@ -185,7 +189,7 @@ def score_generated(enc: metrics.Encoders, jobs: Sequence[Job], images: dict[str
 
 
 def _check_settings(workdirs, dataset, subject_name, protocol, num_images, num_class_images, real,
-                    batch_size):
+                    batch_size, stage, stage_3):
   if protocol not in ("benchmark", "simple"):
     raise EvalError(f"--protocol={protocol!r}: use 'benchmark' or 'simple'")
   if not workdirs and not real:
@@ -196,6 +200,7 @@ def _check_settings(workdirs, dataset, subject_name, protocol, num_images, num_c
     raise EvalError("pass --subject=NAME, a subject of the benchmark (e.g. dog)")
   check_counts(num_images, num_class_images, batch_size)
   check_workdirs(workdirs)
+  check_stage(workdirs, stage, stage_3)
 
 
 def check_counts(num_images: int, num_class_images: int, batch_size: int) -> None:
@@ -206,6 +211,39 @@ def check_counts(num_images: int, num_class_images: int, batch_size: int) -> Non
                     f"and --num_class_images at least 1")
   if batch_size < 1:
     raise EvalError(f"--batch_size={batch_size} must be at least 1")
+
+
+def check_stage(workdirs: Sequence[str], stage: str | None, stage_3: str | None = None) -> None:
+  """Fails before any model is built when a workdir's cascade has no stage `stage` (None:
+  each workdir's last), from its config.json alone; `stage_3` (the x4 upscaler download
+  added to every workdir, `finetuned.with_stage_3`) is checked here too."""
+  if stage is not None and stage not in config_lib.STAGES:
+    raise EvalError(f"--stage={stage}: name a cascade stage, one of {', '.join(config_lib.STAGES)} "
+                    "(base 64 px, sr256 256 px, sr1024 1024 px)")
+  for w in workdirs:
+    config = finetuned.load_config(w)
+    if stage_3:
+      config = finetuned.with_stage_3(config, stage_3, w)
+    names = pipeline.stage_names(config)
+    if stage is not None and stage not in names:
+      hint = (" (sr1024 needs a stage III: pass --stage_3=<stabilityai/stable-diffusion-x4-upscaler "
+              "download>)" if stage == "sr1024" and not stage_3 else "")
+      raise EvalError(f"--stage={stage}: the cascade of --workdir={w} has stages "
+                      f"{', '.join(names)}{hint}")
+
+
+def pick_stage(tuned, stage: str | None) -> str:
+  """`stage`, or the last of `tuned`'s cascade when None; EvalError if it has no such stage."""
+  names = [s.name for s in tuned.models.cascade.stages]
+  if stage is not None and stage not in names:
+    raise EvalError(f"--stage={stage}: the cascade of {tuned.workdir} has stages {', '.join(names)}")
+  return stage or names[-1]
+
+
+def default_out(workdirs: Sequence[str], name: str, stage: str | None):
+  """<first workdir>/<name>, with `_<stage>` when a stage is chosen (each stage's images and
+  report in their own folder, so scoring another stage deletes nothing)."""
+  return utils.as_path(workdirs[0]) / (name if stage is None else f"{name}_{stage}")
 
 
 def check_workdirs(workdirs: Sequence[str]) -> None:
@@ -237,15 +275,18 @@ def row_folder(label: str, used: set[str]) -> str:
 
 def generate_row(workdir: str, out, jobs: Sequence[Job], class_job: Job, subject: str,
                  class_noun: str, used: set[str], *, shown: Sequence[Job], seed: int,
-                 batch_size: int, mesh, check=None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-  """One workdir's images of every job, generated (resumably) under `out`, and its grid of
-  `shown` + the class prompt: (the report row's fields but its scores, {job key: images}).
+                 batch_size: int, mesh, check=None, stage: str | None = None,
+                 stage_3: str | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """One workdir's images of every job at `stage` (default: its last), generated
+  (resumably) under `out`, and its grid of `shown` + the class prompt: (the report row's
+  fields but its scores, {job key: images}). `stage_3` adds the x4 upscaler download.
 
-  Every protocol's row: `check(tuned)` may refuse the workdir before anything is
+  Every protocol's row: `check(tuned, stage)` may refuse the workdir before anything is
   generated; `used` holds the row folder names taken so far."""
-  tuned = finetuned.FineTuned.load(workdir)
+  tuned = finetuned.FineTuned.load(workdir, stage_3=stage_3)
+  stage = pick_stage(tuned, stage)
   if check is not None:
-    check(tuned)
+    check(tuned, stage)
   if tuned.class_noun != class_noun:
     logging.warning("%s was trained on class %r but --subject=%s is a %r; prompts use %r",
                     workdir, tuned.class_noun, subject, class_noun, class_noun)
@@ -253,8 +294,7 @@ def generate_row(workdir: str, out, jobs: Sequence[Job], class_job: Job, subject
   folder_name = row_folder(label, used)
   folder = utils.as_path(out) / folder_name
   images, generated = generate_jobs(tuned, folder, list(jobs) + [class_job], seed=seed,
-                                    batch_size=batch_size, mesh=mesh, label=label)
-  stage = tuned.models.cascade.stages[-1].name
+                                    batch_size=batch_size, mesh=mesh, label=label, stage=stage)
   grids.save_grid(folder / "grid.png", [(tuned.fill(j.template), {stage: images[j.key][:8]})
                                         for j in list(shown) + [class_job]])
   return dict(label=label, method=tuned.method, workdir=str(utils.absolute(workdir)),
@@ -266,17 +306,20 @@ def generate_row(workdir: str, out, jobs: Sequence[Job], class_job: Job, subject
 def run(workdirs: Sequence[str], dataset: str, subject: str, dino: str, clip: str, lpips: str, *,
         num_images: int | None = None, num_prompts: int | None = None, protocol: str = "benchmark",
         real: bool = False, out: str | None = None, seed: int = 0, num_class_images: int = 16,
-        batch_size: int = 8) -> dict[str, Any]:
+        batch_size: int = 8, stage: str | None = None, stage_3: str | None = None
+        ) -> dict[str, Any]:
   """Generates, scores and writes report.md + report.json under `out`; returns the report dict.
 
   `num_images` defaults to 4 (benchmark) or 64 (simple). `out` defaults to
-  <first workdir>/eval.
+  <first workdir>/eval (eval_<stage> with `stage`). `stage` picks the cascade stage
+  whose images are scored (default: each workdir's last); `stage_3`, the x4 upscaler
+  download, gives workdirs trained without one a 1024 px stage III.
   """
   # == Checks that need no model: settings, workdirs, benchmark, encoder paths ====
   workdirs = [str(w) for w in workdirs]
   num_images = num_images or (64 if protocol == "simple" else 4)
   _check_settings(workdirs, dataset, subject, protocol, num_images, num_class_images, real,
-                  batch_size)
+                  batch_size, stage, stage_3)
   bench = benchmark_lib.load_benchmark(dataset)
   names = [s.name for s in bench.subjects]
   if subject not in names:
@@ -289,7 +332,7 @@ def run(workdirs: Sequence[str], dataset: str, subject: str, dino: str, clip: st
   if out is None:
     if not workdirs:
       raise EvalError("--out is needed with --real alone (there is no workdir to write into)")
-    out = utils.as_path(workdirs[0]) / "eval"
+    out = default_out(workdirs, "eval", stage)
   out = utils.as_path(out)
   out.mkdir(parents=True, exist_ok=True)
 
@@ -301,7 +344,8 @@ def run(workdirs: Sequence[str], dataset: str, subject: str, dino: str, clip: st
   settings = dict(dataset=str(bench.root), subject=subj.name, class_noun=subj.class_noun,
                   category=subj.category, protocol=protocol, num_prompts=len(jobs),
                   num_images=num_images, num_class_images=num_class_images, seed=seed,
-                  batch_size=batch_size, num_real_images=len(real_images), dino=dino, clip=clip,
+                  batch_size=batch_size, stage=stage or "last", stage_3=stage_3,
+                  num_real_images=len(real_images), dino=dino, clip=clip,
                   lpips=lpips,
                   clip_t_text="the prompt with the identifier removed, class noun kept",
                   dino_clip_pairs="all (generated, real) pairs",
@@ -324,7 +368,7 @@ def run(workdirs: Sequence[str], dataset: str, subject: str, dino: str, clip: st
   for w in workdirs:
     row, images = generate_row(w, out, jobs, class_job, subj.name, subj.class_noun, used,
                                shown=jobs[:GRID_PROMPTS], seed=seed, batch_size=batch_size,
-                               mesh=mesh)
+                               mesh=mesh, stage=stage, stage_3=stage_3)
     row_metrics, per_prompt = score_generated(enc, jobs, images, images[CLASS_KEY],
                                               real_dino, real_clip)
     rows.append(dict(row, per_prompt=per_prompt, metrics=row_metrics))

@@ -11,8 +11,8 @@ fine-tuned workdir generates, with the benchmark's resumable machinery
 - the class prompt "a ball" (what prior preservation protects).
 
 The world evaluator (`dreambooth_jax.world.evaluator`, a classifier trained on
-the world) scores the last stage's images. The benchmark's metrics have these
-analogues, each a mean over prompts (± the std over prompts):
+the world) scores the last stage's images (`stage=`: another stage's). The
+benchmark's metrics have these analogues, each a mean over prompts (± the std over prompts):
 
   Subject ↑     P(this subject): subject fidelity, as DINO / CLIP-I.
   Attributes ↑  mean P(the subject's class, colour, colour2, pattern): the same,
@@ -44,7 +44,8 @@ import numpy as np
 from dreambooth_jax import grids, sharding, utils
 from dreambooth_jax.evaluation import metrics
 from dreambooth_jax.evaluation.protocol import (CLASS_KEY, CLASS_RNG_INDEX, EvalError, Job,
-                                                check_counts, check_workdirs, format_score,
+                                                check_counts, check_stage, check_workdirs,
+                                                default_out, format_score,
                                                 generate_row, table as protocol_table)
 from dreambooth_jax.world import evaluator as evaluator_lib
 from dreambooth_jax.world import scene as scene_lib
@@ -162,10 +163,11 @@ def real_images(subject: subjects_lib.Subject, jobs: Sequence[Job], num_class_im
 
 def run(workdirs: Sequence[str], subject: str, *, evaluator: str | None = None,
         num_images: int | None = None, num_class_images: int = 16, out: str | None = None,
-        seed: int = 0, batch_size: int = 8) -> dict[str, Any]:
+        seed: int = 0, batch_size: int = 8, stage: str | None = None) -> dict[str, Any]:
   """Generates, scores and writes report.md + report.json under `out`; returns the report.
 
-  `num_images` (per held-out context) defaults to 8; `out` to <first workdir>/eval_world;
+  `num_images` (per held-out context) defaults to 8; `out` to <first workdir>/eval_world
+  (eval_world_<stage> with `stage`, the stage scored; default each workdir's last);
   `evaluator` to the packaged classifier.
   """
   # == Checks that need no model ====================================================
@@ -178,10 +180,11 @@ def run(workdirs: Sequence[str], subject: str, *, evaluator: str | None = None,
                     f"{', '.join(subjects_lib.SUBJECT_NAMES)}")
   check_counts(num_images, num_class_images, batch_size)
   check_workdirs(workdirs)
+  check_stage(workdirs, stage)
   if out is None:
     if not workdirs:
       raise EvalError("--out is needed without --workdir (there is no workdir to write into)")
-    out = utils.as_path(workdirs[0]) / "eval_world"
+    out = default_out(workdirs, "eval_world", stage)
   out = utils.as_path(out)
   out.mkdir(parents=True, exist_ok=True)
   subj = subjects_lib.get(subject)
@@ -211,16 +214,17 @@ def run(workdirs: Sequence[str], subject: str, *, evaluator: str | None = None,
   # == One row per workdir: generate (resumable), score ============================
   mesh = sharding.make_mesh() if workdirs else None
   used = set()
-  def check(tuned):
-    resolution = tuned.models.cascade.stages[-1].settings.resolution
+  def check(tuned, stage):
+    resolution = tuned.models.cascade.by_name[stage].settings.resolution
     if not evaluator_lib.MIN_SIZE <= resolution <= evaluator_lib.MAX_SIZE:
-      raise EvalError(f"--workdir={tuned.workdir}: its last stage draws {resolution} px images; "
+      raise EvalError(f"--workdir={tuned.workdir}: its stage {stage} draws {resolution} px images; "
                       f"the world evaluator takes {evaluator_lib.MIN_SIZE} to "
                       f"{evaluator_lib.MAX_SIZE} px")
 
   for w in workdirs:
     row, images = generate_row(w, out, jobs, class_job, subj.name, subj.cls, used, shown=jobs,
-                               seed=seed, batch_size=batch_size, mesh=mesh, check=check)
+                               seed=seed, batch_size=batch_size, mesh=mesh, check=check,
+                               stage=stage)
     rows.append(dict(row, **score_row(judge, subj, jobs, images, images[CLASS_KEY])))
 
   # == Report =======================================================================
