@@ -46,13 +46,15 @@ def accuracies(evaluator, images: np.ndarray, scenes) -> dict[str, float]:
   return {k: acc[k] for k in LABELS}
 
 
-def load(cascade_dir: str, sampler: str = "", steps: int = 0):
+def load(cascade_dir: str, sampler: str = "", steps: int = 0, sr_aug: float = -1.0):
   """(models, T5, mesh) of the cascade at `cascade_dir`, built as configs/world.py builds it,
-  with its sampler and steps unless `sampler` / `steps` are given; on one device."""
+  with its sampler, steps and SR augmentation level unless given; on one device."""
   config = world_config.get_config(f"cascade={cascade_dir}")
   for name in ("base", "sr256"):
     config.cascade[name].sampler = sampler or config.cascade[name].sampler
     config.cascade[name].num_steps = steps or config.cascade[name].num_steps
+  if sr_aug >= 0:
+    config.cascade.sr256.sample_aug_level = sr_aug
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
   models = pipeline.build(config, mesh)
   return models, models.load_t5(), mesh
@@ -100,6 +102,8 @@ def main(argv=None):
   p.add_argument("--seed", type=int, default=0, help="the sampling noise, shared by every cascade")
   p.add_argument("--sampler", default="", help="instead of configs/world.py's (dpmpp_2m), e.g. ddpm")
   p.add_argument("--steps", type=int, default=0, help="instead of configs/world.py's (20)")
+  p.add_argument("--sr_aug", type=float, default=-1.0,
+                 help="the SR stage's sampling augmentation level instead of configs/world.py's (0.25)")
   p.add_argument("--sensitivity", action="store_true",
                  help="also print how much the caption moves the base UNet's epsilon (cond vs \"\")")
   p.add_argument("--grid", default=None, help="also save the first 8 samples of each cascade here")
@@ -115,7 +119,7 @@ def main(argv=None):
           ("world images (ceiling)", "32 px", accuracies(evaluator, real["base"], scenes))]
   grid, sensitivity = [], {}
   for folder in args.cascade:
-    loaded = load(folder, args.sampler, args.steps)
+    loaded = load(folder, args.sampler, args.steps, args.sr_aug)
     out = sample(loaded, captions, args.seed)
     for stage, size in (("base", "32 px"), ("sr256", "64 px")):
       rows.append((folder, f"{stage} {size}", accuracies(evaluator, out[stage], scenes)))
