@@ -17,8 +17,16 @@ and the tiny random cascade on the world's photos (a CPU smoke run):
 
 Arguments after ':' (comma-separated): a variant (`if`, `world` or `tiny`),
 `subjects=dog+cat2` (a subset, '+'-joined; default all of the variant's),
-`lora=RANK` (default 4), `steps=N`, `runlocal` (smoke sizes), `dataset=DIR`.
+`lora=RANK` (default 4), `steps=N`, `runlocal` (smoke sizes), `dataset=DIR`,
+`eval_every=N` (in-loop evaluation every N steps; 0 = none).
 Per-subject overrides: `--config.subjects.dog.identifier=sks`.
+
+In-loop evaluation (`config.eval`, dreambooth_jax/evaluation/in_loop.py): the `if`
+variant scores the DreamBooth protocol (DINO, CLIP-I, CLIP-T) and needs the two
+encoders, `--config.eval.dino=dino-vits16 --config.eval.clip=clip-vit-base-patch32`
+(or `eval_every=0`); `world` and `tiny` score the world protocol with the packaged
+world evaluator. `config.eval.select` is the rule that picks each subject's step
+(dreambooth_jax/evaluation/selection.py), e.g. "max dino if clip_t >= first".
 
 The method's settings are configs/imagen_dog.py's (`if`, `tiny`) or
 configs/world.py's (`world`), read from those files, never restated here; a
@@ -38,17 +46,23 @@ from dreambooth_jax import config_lib
 HERE = pathlib.Path(__file__).resolve().parent
 
 
-def _benchmark_subjects(root: str) -> dict[str, tuple[str, str]]:
-  """{name: (folder, class noun)} from the dataset's class table (folders are checked by
-  the job, which reports every bad one before building anything)."""
+def _dataset_root(root: str) -> pathlib.Path:
+  """The folder holding prompts_and_classes.txt: `root`, else $DREAMBOOTH_DATASET (or its
+  dataset/ subfolder)."""
   from dreambooth_jax.evaluation import benchmark
   root = pathlib.Path(root or os.environ.get("DREAMBOOTH_DATASET", "")).expanduser()
   if not str(root) or str(root) == ".":
     raise config_lib.ConfigError("the benchmark variant needs the DreamBooth dataset: set "
                                  "DREAMBOOTH_DATASET or pass dataset=DIR (the folder with "
                                  "prompts_and_classes.txt), or use the world or tiny variant")
-  if (root / "dataset" / benchmark.PROMPTS_FILE).is_file():
-    root = root / "dataset"
+  return root / "dataset" if (root / "dataset" / benchmark.PROMPTS_FILE).is_file() else root
+
+
+def _benchmark_subjects(root: str) -> dict[str, tuple[str, str]]:
+  """{name: (folder, class noun)} from the dataset's class table (folders are checked by
+  the job, which reports every bad one before building anything)."""
+  from dreambooth_jax.evaluation import benchmark
+  root = _dataset_root(root)
   prompts_file = root / benchmark.PROMPTS_FILE
   if not prompts_file.is_file():
     raise config_lib.ConfigError(f"no {benchmark.PROMPTS_FILE} in {root} (from DREAMBOOTH_DATASET "
@@ -64,7 +78,7 @@ def _world_subjects() -> dict[str, tuple[str, str]]:
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, variant="if", subjects="", lora=4, steps=-1, runlocal=False,
-                             dataset="")
+                             dataset="", eval_every=-1)
   if arg.variant not in ("if", "world", "tiny"):
     raise config_lib.ConfigError(f"variant {arg.variant!r}: use 'if', 'world' or 'tiny'")
   table = _benchmark_subjects(arg.dataset) if arg.variant == "if" else _world_subjects()
@@ -87,4 +101,34 @@ def get_config(arg=None):
   c.log.sample_every = 0  # the job draws no sample grids (sample a subject's workdir instead)
   c.subjects = ml_collections.ConfigDict(
       {n: dict(dir=table[n][0], class_noun=table[n][1], identifier="") for n in names})
+
+  # -- in-loop evaluation: learning curves, each subject's step, the final report ------
+  # The protocol's first num_prompts prompts x num_images per subject, drawn with
+  # DPM-Solver++(2M) (the fastest sampler here) at every IF stage; `select` picks each
+  # subject's step among the evaluations. Off (every=0) in the tiny smoke variant:
+  # random weights have nothing to measure.
+  if arg.variant == "if":
+    every, protocol, select = 200, "dreambooth", "max dino if clip_t >= first"
+  else:
+    every = 0 if arg.variant == "tiny" else 50
+    protocol, select = "world", "max subject if context >= first"
+  every = arg.eval_every if arg.eval_every >= 0 else every
+  c.eval = dict(
+      every=every,
+      at_start=False,           # also evaluate step 0 (the pretrained model: a baseline)
+      protocol=protocol,        # 'dreambooth' (the benchmark's prompts) or 'world'
+      num_prompts=4, num_images=4,
+      num_class_images=0,       # images of "a [class noun]" per subject for PRES; 0 = no PRES
+      sampler="dpmpp_2m",
+      num_steps=2 if arg.runlocal else (25 if arg.variant == "if" else 20),
+      batch_size=c.prior.batch_size,
+      stage="",                 # the stage whose images are scored; "" = the last (the protocol's)
+      seed=0,                   # the same noise at every evaluation and for every subject
+      select=select,
+      dataset=str(_dataset_root(arg.dataset)) if arg.variant == "if" else "",
+      dino="", clip="", lpips="",  # the protocol's encoders (lpips: DIV, optional)
+      evaluator="",             # world: the evaluator file ("" = the packaged one)
+  )
+  if arg.runlocal:
+    c.eval.update(num_prompts=1, num_images=2)
   return c

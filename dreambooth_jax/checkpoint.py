@@ -200,6 +200,10 @@ class Checkpointer:
                                          _METADATA: ocp.args.JsonSave(record)}),
         force=force)
 
+  def delete(self, step: int) -> None:
+    """Removes checkpoint `step` (e.g. one a resumed job is about to write again)."""
+    self._manager.delete(int(step))
+
   def wait(self) -> None:
     """Blocks until every started save is committed; re-raises a failed async save."""
     self._manager.wait_until_finished()

@@ -13,16 +13,23 @@ class priors (one cache per distinct class prompt, shared by the subjects of tha
 class) -> state (resume: workdir checkpoint, else the adapters' initial draw) ->
 jitted sharded step -> checkpoints, metrics -> per subject, a lone run's export.
 
+With `config.eval.every` > 0 the job evaluates every subject in the loop
+(dreambooth_jax/evaluation/in_loop.py: the protocol's metrics on a prompt subset,
+logged as learning curves), keeps per subject the step `config.eval.select` chooses
+(dreambooth_jax/evaluation/selection.py), and ends with the benchmark's report.
+
 Workdir: checkpoints/ (the joint state), class_priors/<class prompt>/,
 prompt_embeddings/, metrics.jsonl, export/<subject>/ (the diffusers LoRA folders
-and dreambooth.json a lone run writes in its export/), and subjects/<subject>/: a
-lone run's workdir (its config, identifier and final checkpoint), which
-`python -m dreambooth_jax.sample --workdir=.../subjects/<subject>` samples.
-The job draws no sample grids.
+and dreambooth.json a lone run writes in its export/, and selection.json: which
+step and why), and subjects/<subject>/: a lone run's workdir (its config,
+identifier and chosen checkpoint), which `python -m dreambooth_jax.sample
+--workdir=.../subjects/<subject>` samples. With evaluation: eval/step_<N>/ (scores
+and a grid per subject), report.md and report.json. The job draws no sample grids.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -50,6 +57,10 @@ def _slug(prompt: str) -> str:
   return re.sub(r"[^A-Za-z0-9]+", "_", prompt).strip("_") or "empty"
 
 
+def _eval_every(config) -> int:
+  return int(config.eval.get("every", 0)) if config.get("eval") else 0
+
+
 def run(config, workdir):
   """The whole job; importable as `train_many.run(config, workdir)`; returns the joint state."""
   # == Setup: distributed, mesh, workdir ==========================================
@@ -74,6 +85,10 @@ def run(config, workdir):
                                  min_size=min(config.subject.min_size, max(resolutions.values())))
   print(f"{len(subjects)} subjects: " + ", ".join(f"{n} ({len(photos[n].paths)} images)"
                                                  for n in names), flush=True)
+  evaluation = None
+  if _eval_every(config):  # the evaluation package only when asked (the rule checked here)
+    from dreambooth_jax.evaluation import in_loop
+    evaluation = in_loop.JobEvaluation(config, subjects, workdir)
   if lead:
     config_lib.save(config, workdir / "config.json")
 
@@ -92,6 +107,9 @@ def run(config, workdir):
 
   # == Text embeddings: T5 once, cached, for every subject's prompts ===================
   wanted = [p for n in names for p in prompts[n]] + [""]
+  if evaluation:  # the evaluation's prompts, each subject's identifier filled in
+    wanted += evaluation.prompts({n: functools.partial(prompts_lib.fill, lone[n], idents[n])
+                                  for n in names})
   table = models.encode(list(dict.fromkeys(wanted)), workdir / "prompt_embeddings")
   emb = lambda ps: embeddings.stack_embeddings(table, ps)
 
@@ -137,6 +155,9 @@ def run(config, workdir):
   frozen = {n: s.base_params for n, s in joint.items()}  # the adapters' shared frozen UNets
   frozen_sh = {n: sharding.param_shardings(v, mesh, rules) for n, v in frozen.items()}
   frozen = jax.device_put(frozen, frozen_sh)
+  lone_stages = {n: lora_lib.LoRAStage(models.cascade.by_name[n], settings) for n in tuned}
+  lone_ps = state_lib.setup(lone[names[0]], lone_stages, phase, mesh, rules, num_tokens=0,
+                            token_width=models.t5_width)  # a lone run's state: the same for all
   step_fn = jax.jit(methods.make_train_step(joint, tx, config.prior.weight,
                                             loss=subjects_lib.joint_loss(names)),
                     in_shardings=(ps.shardings, None, frozen_sh),
@@ -168,10 +189,50 @@ def run(config, workdir):
     host["text"] = text
     return jax.tree.map(state_lib.put_global, host, layout)
 
-  # == Train ===========================================================================
+  # == In-loop evaluation: each subject's adapters on the shared frozen UNets ==========
+  def keep(i: int, step: int):
+    """Subject i's state of `step` (the current state's) as its lone workdir's checkpoint:
+    the step its rule chose so far (keep=1: the one chosen before goes)."""
+    with checkpoint_lib.Checkpointer(folders[names[i]], keep=1, async_save=False) as own:
+      if step not in own.all_steps():
+        own.save(step, subjects_lib.subject_state(state, lone_ps.abstract, i),
+                 dict(step=step, identifier=idents[names[i]].text, phase=phase.name))
+
+  def params_of(i: int):
+    own = subjects_lib.subject_state(state["params"], lone_ps.abstract["params"], i)
+    return {n: lone_stages[n].bind(frozen[n], own[n]) for n in tuned}
+
+  def evaluate(step: int):
+    scalars = evaluation.evaluate(step, params_of, table, mesh=mesh, lead=lead)
+    writer.write(step, scalars)
+    for i, n in enumerate(names):
+      if evaluation.choose(n, step)["step"] == step:  # the choice moved here (see selection.py)
+        keep(i, step)
+    print(f"eval at step {step}: " + ", ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in
+                                               scalars.items() if k.startswith("eval_mean/"))
+          + " (mean over subjects)", flush=True)
+
   writer = metrics_writer.MetricsWriter(workdir, tensorboard=config.log.tensorboard and lead)
-  progress = utils.StepProgress(int(state["step"]), t.steps, disable=not lead)
   start_step = int(state["step"])
+  if evaluation:
+    evaluation.load(models.cascade)
+    evaluation.resume(start_step)
+    # Resumed: the steps after the checkpoint run again, so what they kept goes; the
+    # checkpoint's own step, if its evaluation chose it, is kept from the restored state.
+    for i, n in enumerate(names):
+      with checkpoint_lib.Checkpointer(folders[n], keep=1, async_save=False) as own:
+        for later in [k for k in own.all_steps() if k > start_step]:
+          own.delete(later)
+      if start_step in evaluation.history:
+        if evaluation.choose(n, start_step)["step"] == start_step:
+          keep(i, start_step)
+    if start_step not in evaluation.history and (
+        (start_step and evaluation.due(start_step, phase.end)) or
+        (not start_step and config.eval.at_start)):
+      evaluate(start_step)  # a job stopped between its checkpoint and its evaluation
+
+  # == Train ===========================================================================
+  progress = utils.StepProgress(start_step, t.steps, disable=not lead)
   for step in range(start_step, phase.end):
     with jax.set_mesh(mesh):
       state, metrics = step_fn(state, make_batch(step), frozen)
@@ -185,31 +246,48 @@ def run(config, workdir):
                           what=f"subjects: {', '.join(bad) or 'loss finite, gradients not'}",
                           metadata=dict(step=done, phase=phase.name, subjects=names),
                           fix="check those subjects' images")
+    if evaluation and evaluation.due(done, phase.end):
+      evaluate(done)
   progress.close()
   ckpt.wait()
 
-  # == Per subject: a lone run's workdir (config, identifier, checkpoint) and export ====
+  # == Per subject: the chosen step's lone workdir (config, identifier, checkpoint), export ==
   done = int(state["step"])
-  lone_stages = {n: lora_lib.LoRAStage(models.cascade.by_name[n], settings) for n in tuned}
-  lone_abstract = state_lib.setup(lone[names[0]], lone_stages, phase, mesh, rules, num_tokens=0,
-                                  token_width=models.t5_width).abstract  # the same for all
+  choices = {}
   for i, s in enumerate(subjects):
     c = lone[s.name]
-    own = subjects_lib.subject_state(state, lone_abstract, i)
+    choice = choices[s.name] = (
+        evaluation.choose(s.name, done) if evaluation else
+        dict(rule="last", step=done, reason="no in-loop evaluation (config.eval.every=0): the "
+                                            "last step"))
+    step = choice["step"]
+    if step == done:
+      keep(i, done)  # a rerun of a finished job: already there
     with checkpoint_lib.Checkpointer(folders[s.name], keep=1, async_save=False) as own_ckpt:
-      if done not in own_ckpt.all_steps():  # a rerun of a finished job: already there
-        own_ckpt.save(done, own, dict(step=done, identifier=idents[s.name].text, phase=phase.name))
+      if step not in own_ckpt.all_steps():
+        raise TrainError(f"subject {s.name!r}: its rule chose step {step}, whose adapters are "
+                         f"not in {folders[s.name]} (a resumed job whose evaluations differ from "
+                         "the first run's?); rerun in a new --workdir")
+      own = (subjects_lib.subject_state(state, lone_ps.abstract, i) if step == done else
+             state_lib.restore_state(own_ckpt, step, lone_ps.abstract, lone_ps.shardings))
     own_params = train_lib.to_host(own["params"])  # every process: a gather, multi-host
+    print(f"  {s.name}: {choice['reason']}", flush=True)
     if lead:
       config_lib.save(c, folders[s.name] / "config.json")
       export = utils.absolute(workdir) / "export" / s.name
       info = dict(identifier=idents[s.name].text, class_noun=s.class_noun,
                   instance_prompt=prompts[s.name][0], class_prompt=prompts[s.name][1],
                   method=config.method, stages=list(tuned), prompt_preprocessing=tok.preprocess,
-                  unet_text_mask=bool(config.model.unet_text_mask), steps=done,
+                  unet_text_mask=bool(config.model.unet_text_mask), steps=step, job_steps=done,
                   config=json.loads(config_lib.to_json(c)))
       info.update(lora_lib.export_all(export, lone_stages, own_params))
       utils.write_json(export / checkpoint_lib.EXPORT_INFO, info, indent=2, default=str)
+      utils.write_json(export / "selection.json", dict(choice, subject=s.name, job_steps=done))
+  if evaluation and lead:
+    evaluation.write_report(workdir, choices, settings=dict(
+        method=config.method, lora_rank=settings.rank, steps=done, stages=list(tuned)),
+        title=f"{config.method}, LoRA rank {settings.rank}: {len(names)} subjects, {done} steps")
+    print(f"report: {workdir / 'report.md'}", flush=True)
   writer.close()
   print(f"done: {done} steps of {len(names)} subjects; export/<subject>/ and subjects/<subject>/ "
         f"in {workdir}", flush=True)

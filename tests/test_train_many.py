@@ -1,10 +1,12 @@
 """Many subjects in one job (dreambooth_jax.train_many): each subject's adapters equal its lone
-training, the job runs end to end, resumes bitwise and exports per subject, and bad subject
-folders are named before anything is built.
+training, the job runs end to end with its in-loop evaluation, resumes bitwise and exports
+per subject the step its rule chose, and bad subject folders are named before anything is
+built. The selection rule and the report are pure python, tested on hand-made numbers.
 
 Compile time dominates on CPU: the job runs once on the tiny base stage (plus a resume that
-hits the persistent compilation cache), and the equivalence test compiles only the lone step
-it compares the job with.
+hits the persistent compilation cache), its evaluation draws at the base stage only (one
+sampling program), and the equivalence test compiles only the lone step it compares the
+job with.
 """
 
 import json
@@ -21,6 +23,7 @@ from dreambooth_jax import checkpoint, config_lib, data, embeddings, lora, metho
 from dreambooth_jax import priors, sharding
 from dreambooth_jax import subjects as subjects_lib
 from dreambooth_jax import train_many
+from dreambooth_jax.evaluation import in_loop, job_report, selection
 from conftest import REPO, run_cli
 from train_helpers import set_path
 
@@ -41,12 +44,18 @@ def _job_config(arg: str = f"tiny,runlocal,subjects={TWO}", **overrides):
   return config
 
 
+RULE = "max subject if context >= first"
+
+
 @pytest.fixture(scope="session")
 def job(tmp_path_factory):
   """The job on two world subjects, tiny random cascade, base stage, 4 steps, a checkpoint
   every 2; a learning rate that moves the adapters and a clip every step bites (each
-  subject by its own norm): (config, workdir, final joint state)."""
-  config = _job_config(**{"train.lr": 1e-2, "train.grad_clip": 0.05})
+  subject by its own norm); the world protocol's evaluation at steps 2 and 4 (one context
+  x 2 images per subject, at the base stage: the cheapest draw that scores every metric
+  but PRES): (config, workdir, final joint state)."""
+  config = _job_config(**{"train.lr": 1e-2, "train.grad_clip": 0.05, "eval.every": 2,
+                          "eval.stage": "base", "eval.select": RULE})
   workdir = str(tmp_path_factory.mktemp("many"))
   return config, workdir, train_many.run(config, workdir)
 
@@ -78,7 +87,7 @@ def test_each_subject_equals_its_lone_run(job):
   (`methods.make_train_step`, the lone optimiser with its global-norm clip) reaches from the
   same start on that subject's batches."""
   config, workdir, state = job
-  rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  rows = [r for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl"))) if "loss" in r]
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
   models = pipeline.build(config, mesh)
   stage = models.cascade.by_name["base"]
@@ -118,6 +127,13 @@ def test_clip_per_subject_clips_each_subject_by_its_own_norm():
   np.testing.assert_allclose(np.asarray(out["x"]), [[0.6, 0.8], [0.3, 0.4]], rtol=1e-6)
 
 
+def _eval_rows(workdir):
+  """{step: metrics.jsonl's eval row} (a resumed job's rows come last and win)."""
+  rows = map(json.loads, open(os.path.join(workdir, "metrics.jsonl")))
+  return {r["step"]: {k: v for k, v in r.items() if k != "time"} for r in rows
+          if any(k.startswith("eval/") for k in r)}
+
+
 def test_job_exports_each_subject_and_resumes_bitwise(job, tmp_path):
   config, workdir, state = job
   names = TWO.split("+")
@@ -127,29 +143,54 @@ def test_job_exports_each_subject_and_resumes_bitwise(job, tmp_path):
   leaf = jax.tree.leaves(state["params"]["base"])[0]
   assert leaf.shape[0] == 2 and leaf.sharding.spec[0] == "data"
   rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-  assert all(f"subject/{n}/loss" in rows[-1] for n in names)
-  idents = set()
+  assert all(f"subject/{n}/loss" in [r for r in rows if "loss" in r][-1] for n in names)
+  # The learning curves: every subject's world metrics at steps 2 and 4 (no PRES: no class
+  # images asked), the mean over subjects, and the rule reads them as logged.
+  curves = _eval_rows(workdir)
+  assert sorted(curves) == [2, 4]
+  for row in curves.values():
+    assert {f"eval/{n}/{m}" for n in names for m in ("Subject", "Attributes", "Context", "DIV")
+            } | {f"eval_mean/{m}" for m in ("Subject", "Attributes", "Context", "DIV")} | {
+            "step"} == set(row)
+  rule = selection.parse(RULE, in_loop.world_protocol.METRICS)
+  joint_ckpt = checkpoint.Checkpointer(workdir, keep=10, async_save=False)
+  joint_stage = lora.LoRAStage(pipeline.build(config).cascade.by_name["base"],
+                               lora.settings(config), subjects=2)
+  idents, chosen = set(), {}
   for i, name in enumerate(names):
     export = os.path.join(workdir, "export", name)
     info = json.load(open(os.path.join(export, checkpoint.EXPORT_INFO)))
     assert info["class_noun"] == "ball" and info["folders"] == {"base": "base"}
     idents.add(info["identifier"])
+    # The step the rule chose from the logged curves is the exported one, and says why.
+    choice = json.load(open(os.path.join(export, "selection.json")))
+    history = [(s, {selection.metric_key(k.split("/")[-1]): v for k, v in row.items()
+                    if k.startswith(f"eval/{name}/")}) for s, row in sorted(curves.items())]
+    assert choice["step"] == selection.select(rule, history)["step"] == info["steps"]
+    assert choice["rule"] == RULE and choice["reason"] and info["job_steps"] == 4
+    chosen[name] = step = choice["step"]
+    at_step = state if step == 4 else joint_ckpt.restore(step, state)  # the joint state then
     from safetensors.numpy import load_file
     tensors = load_file(os.path.join(export, "base", lora.WEIGHTS_NAME))
-    joint_stage = lora.LoRAStage(pipeline.build(config).cascade.by_name["base"],
-                                 lora.settings(config), subjects=2)
-    want = lora.diffusers_lora_tensors(joint_stage, jax.device_get(state["params"]["base"]),
+    want = lora.diffusers_lora_tensors(joint_stage, jax.device_get(at_step["params"]["base"]),
                                        subject=i)
     assert tensors.keys() == want.keys() and all(np.array_equal(tensors[k], want[k]) for k in want)
+    # subjects/<name>/ is a lone run's workdir at the chosen step: what the sample tooling loads.
+    if i == 1:
+      from dreambooth_jax import finetuned
+      tuned = finetuned.FineTuned.load(os.path.join(workdir, "subjects", name),
+                                       mesh=sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}))
+      assert tuned.step == step and tuned.class_noun == "ball"
+      for a, b in zip(jax.tree.leaves(tuned.params["base"].adapters),
+                      jax.tree.leaves(at_step["params"]["base"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b)[1])
   assert len(idents) == 2  # distinct identifiers
-  # subjects/<name>/ is a lone run's workdir: what the sample tooling loads.
-  from dreambooth_jax import finetuned
-  tuned = finetuned.FineTuned.load(os.path.join(workdir, "subjects", names[1]),
-                                   mesh=sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}))
-  assert tuned.step == 4 and tuned.class_noun == "ball"
-  for a, b in zip(jax.tree.leaves(tuned.params["base"].adapters),
-                  jax.tree.leaves(state["params"]["base"])):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b)[1])
+  report = json.load(open(os.path.join(workdir, "report.json")))
+  assert [r["step"] for r in report["subjects"]] == [chosen[n] for n in names]
+  assert report["summary"]["selected"]["Context"]["n"] == 2
+  for r in report["subjects"]:
+    assert os.path.isfile(os.path.join(workdir, r["grid"]))
+  assert "Mean ± std over the 2 subjects" in open(os.path.join(workdir, "report.md")).read()
 
   # Resume from the mid-job checkpoint (step 2): the same final state, bit for bit.
   copy = tmp_path / "resumed"
@@ -160,6 +201,12 @@ def test_job_exports_each_subject_and_resumes_bitwise(job, tmp_path):
   for a, b in zip(jax.tree.leaves((resumed["params"], resumed["opt_state"])),
                   jax.tree.leaves((state["params"], state["opt_state"]))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Its evaluation at step 4 scores the same images, so the same steps are chosen and exported.
+  assert _eval_rows(copy)[4] == curves[4]
+  for name in names:
+    for f in ("selection.json", f"base/{lora.WEIGHTS_NAME}"):
+      assert (copy / "export" / name / f).read_bytes() == open(
+          os.path.join(workdir, "export", name, f), "rb").read()
 
 
 def test_bad_subject_folders_are_named_before_anything_is_built(tmp_path, monkeypatch):
@@ -199,3 +246,117 @@ def test_benchmark_config_reads_the_dataset_subjects(dataset_dir, monkeypatch):
   assert sorted(two.subjects) == ["cat2", "dog"] and two.lora.rank == 8 and two.train.steps == 7
   with pytest.raises(config_lib.ConfigError, match="not if subjects"):
     config_lib.from_file(f"{path}:subjects=dog+nope")
+
+
+# -- the selection rule and the report: pure python ---------------------------------------
+
+BENCH = ("DINO", "CLIP-I", "CLIP-T", "PRES", "DIV")
+
+
+def test_selection_rule_reads_and_refuses():
+  r = selection.parse("MAX  dino if clip_t >= first - 0.01 and clip_i > 0.5", BENCH)
+  assert r.text() == "max dino if clip_t >= first - 0.01 and clip_i > 0.5"
+  assert r.reads == ("dino", "clip_t", "clip_i")
+  assert selection.parse("last", BENCH).text() == "last"
+  assert (selection.parse("min pres if div>=first+0.1", BENCH).text()
+          == "min pres if div >= first + 0.1")
+  for bad, said in (("best dino", "cannot read it"), ("max dino if", "cannot read it"),
+                    ("max subject", "'subject' is not a metric"),
+                    ("max dino if clip_t => first", "cannot read the condition"),
+                    ("max dino if clip_t >= 1.2.3", "is not a number")):
+    with pytest.raises(config_lib.ConfigError, match=said):
+      selection.parse(bad, BENCH)
+
+
+def test_selection_picks_the_best_eligible_step_and_says_why():
+  h = [(2, {"dino": 0.50, "clip_t": 0.30}), (4, {"dino": 0.70, "clip_t": 0.28}),
+       (6, {"dino": 0.60, "clip_t": 0.30}), (8, {"dino": 0.60, "clip_t": 0.31})]
+  rule = selection.parse("max dino if clip_t >= first", BENCH)
+  out = selection.select(rule, h)
+  # Step 4 has the best DINO but lost prompt fidelity; 6 and 8 tie: the earlier wins.
+  assert out["step"] == 6 and out["metrics"] == h[2][1]
+  assert [c["eligible"] for c in out["candidates"]] == [True, False, True, True]
+  assert out["reason"] == ("step 6: the highest dino (0.6000) among the 3 of 4 evaluations with "
+                           "clip_t >= first (first: clip_t 0.3000)")
+  loose = selection.parse("max dino if clip_t >= first - 0.05", BENCH)
+  assert selection.select(loose, h)["step"] == 4
+  assert selection.select(selection.parse("min dino", BENCH), h)["step"] == 2
+  none = selection.select(selection.parse("max dino if clip_t > 0.9", BENCH), h)
+  assert none["step"] == 8 and none["reason"].startswith("no evaluation met clip_t > 0.9")
+  assert selection.select(selection.parse("last", BENCH), h)["step"] == 8
+  # A missing metric (PRES without class images) never qualifies.
+  assert selection.select(selection.parse("max dino if pres < 1", BENCH), h)["step"] == 8
+
+
+def test_selection_is_decided_online():
+  """What the job relies on: after each evaluation the choice stays or moves to that step,
+  so saving a subject's adapters when the current step is chosen keeps the final choice."""
+  rng = np.random.default_rng(0)
+  rules = [selection.parse(t, BENCH) for t in ("max dino if clip_t >= first", "min pres",
+                                              "max dino if clip_t > 0.3 and div >= first - 0.1")]
+  for _ in range(50):
+    h = [(2 * k, {m: float(rng.uniform()) for m in ("dino", "clip_t", "pres", "div")})
+         for k in range(1, 8)]
+    for rule in rules:
+      steps = [selection.select(rule, h[:k])["step"] for k in range(1, len(h) + 1)]
+      for k in range(1, len(steps)):
+        assert steps[k] in (steps[k - 1], h[k][0])
+
+
+def test_job_report_tables_over_subjects():
+  at = lambda step, name, dino, clip_t: {"metrics": {"DINO": dino, "CLIP-T": clip_t, "PRES": None},
+                                         "grid": f"step_{step:06d}/{name}.png"}
+  history = {2: {"a": at(2, "a", 0.5, 0.30), "b": at(2, "b", 0.3, 0.20)},
+             4: {"a": at(4, "a", 0.7, 0.25), "b": at(4, "b", 0.5, 0.22)}}
+  choices = {"a": {"step": 2, "reason": "because"}, "b": {"step": 4, "reason": "so"}}
+  settings = dict(protocol="dreambooth", num_prompts=4, num_images=4, num_class_images=0,
+                  stage="sr256", sampler="dpmpp_2m", num_steps=25, seed=0, every=2,
+                  select="max dino")
+  report = job_report.build("t", settings, BENCH, in_loop.protocol.ARROWS, history, choices,
+                            {"a": "dog", "b": "cat"}, paper=in_loop.protocol.PAPER, eval_dir="eval")
+  sel = report["summary"]["selected"]
+  assert sel["DINO"] == {"mean": 0.5, "std": 0.0, "n": 2} and sel["PRES"] is None
+  np.testing.assert_allclose([sel["CLIP-T"]["mean"], sel["CLIP-T"]["std"]], [0.26, 0.04])
+  assert report["summary"]["last"]["DINO"]["mean"] == pytest.approx(0.6)
+  assert [c["DINO"] for c in report["curves"]] == pytest.approx([0.4, 0.6])
+  assert report["subjects"][1] == dict(subject="b", class_noun="cat", step=4,
+                                       metrics=history[4]["b"]["metrics"], reason="so",
+                                       grid="eval/step_000004/b.png")
+  md = job_report.markdown(report)
+  assert ("| at each subject's chosen step | 0.500 ± 0.000 | N/A | 0.260 ± 0.040 | N/A | N/A |"
+          in md)
+  assert "| b (cat, step 4) | 0.500 | N/A | 0.220 | N/A | N/A |" in md
+  assert "| DreamBooth-Imagen (paper) | 0.696 | 0.812 | 0.306 | N/A | N/A |" in md
+  assert "| step 2 | 0.400 |" in md and "![b](eval/step_000004/b.png)" in md
+
+
+def test_in_loop_benchmark_protocol_scores_a_subject_outside_the_dataset(dataset_dir, tmp_path):
+  """The DreamBooth protocol in the loop: the dataset's prompt list by class, the subject's
+  own photos as the real set, no PRES without class images, no DIV without LPIPS
+  (stand-in encoders: the wiring, not the networks, which test_evaluate covers)."""
+  config = _job_config("tiny,runlocal,subjects=star_ball", **{
+      "eval.every": 2, "eval.protocol": "dreambooth", "eval.dataset": str(dataset_dir),
+      "eval.num_prompts": 2, "eval.dino": str(tmp_path), "eval.clip": str(tmp_path),
+      "eval.select": "max dino if clip_t >= first"})
+  with pytest.raises(Exception, match="config.json"):  # the encoder folders are checked first
+    in_loop.JobEvaluation(config, subjects_lib.from_config(config), tmp_path)
+  from unittest import mock
+  with mock.patch.object(in_loop.metrics, "check_encoder_paths"):
+    ev = in_loop.JobEvaluation(config, subjects_lib.from_config(config), tmp_path)
+  jobs, class_job = ev.protocol.jobs["star_ball"]
+  assert class_job is None and [j.template for j in jobs] == [
+      "a [V] ball in the jungle", "a [V] ball in the snow"]  # a ball is an object
+  assert ev.prompts({"star_ball": lambda t: t.replace("[V]", "sks")}) == [
+      "a sks ball in the jungle", "a sks ball in the snow"]
+
+  class Stand:  # embeddings: colour means, and a prompt's length
+    has_lpips = False
+    dino = clip_image = staticmethod(lambda x: np.asarray([np.asarray(i, float).mean((0, 1)) + 1
+                                                            for i in x]))
+    clip_text = staticmethod(lambda ps: np.asarray([[len(p), 1.0, 1.0] for p in ps]))
+  ev.protocol.enc = Stand()
+  ev.protocol.real = {"star_ball": (Stand.dino([np.full((4, 4, 3), 9)]),) * 2}
+  images = {j.key: np.full((2, 8, 8, 3), 9, np.uint8) for j in jobs}
+  row, per_prompt = ev.protocol.score("star_ball", images)
+  assert row["DINO"] == pytest.approx(1.0) and row["PRES"] is None and row["DIV"] is None
+  assert len(per_prompt) == 2 and per_prompt[0]["DIV"] is None

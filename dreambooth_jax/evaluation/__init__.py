@@ -8,9 +8,13 @@
   metrics.py        DINO, CLIP-I, CLIP-T, PRES, DIV and the `Encoders` that feed them
   preprocess.py     DINO / CLIP image preprocessing (resize, center crop, normalise)
   tiny_encoders.py  tiny RANDOM stand-in encoders, so the pipeline runs without real weights
+  in_loop.py        a many-subject job's in-loop evaluation (either protocol, on its adapters)
+  selection.py      the rule that picks each subject's step among its evaluations
+  job_report.py     the many-subject job's report (the table over subjects)
 
-Nothing in training imports this package: the trainer neither knows nor pays for
-the protocol. The direction is one way: evaluation uses the core modules
+The single-subject trainer never imports this package: it neither knows nor pays
+for the protocol. `train_many` imports in_loop (and through it the rest) only when
+`config.eval.every` > 0. The direction is one way: evaluation uses the core modules
 (`finetuned`, `data`, `grids`, `sharding`, `models`, `weights`), never the reverse.
 Submodules are imported by their users (`from dreambooth_jax.evaluation import
 protocol`); importing the package alone loads nothing.
