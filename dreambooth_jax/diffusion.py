@@ -473,17 +473,20 @@ def upsample_bilinear(x: Array, size: tuple[int, int]) -> Array:
   return jnp.einsum("pw,bowc->bopc", mw, y, precision=hi)
 
 
-def down_up(x_hr: Array, low_size: int | tuple[int, int], *, method: str = "bicubic") -> Array:
-  """The low-res view a SR stage sees: antialiased downsample, IF-style upsample.
-
-  The downsampled image is clipped to [-1, 1] because at inference the low-res
-  input is a previous stage's sample, which the sampler clips; bicubic
-  overshoot would otherwise be a training-only signal.
-  """
-  b, h, w, c = x_hr.shape
+def downsample(x_hr: Array, low_size: int | tuple[int, int], *, method: str = "bicubic") -> Array:
+  """The previous stage's view of a hi-res training image: an antialiased resize (equal to
+  torch's `F.interpolate(mode="bicubic", antialias=True)`), clipped to [-1, 1] because
+  at inference the low-res input is a previous stage's sample, which the sampler
+  clips; bicubic overshoot would otherwise be a training-only signal."""
+  b, _, _, c = x_hr.shape
   lh, lw = (low_size, low_size) if isinstance(low_size, int) else tuple(low_size)
   low = jax.image.resize(x_hr.astype(jnp.float32), (b, lh, lw, c), method=method, antialias=True)
-  return upsample_bilinear(jnp.clip(low, -1.0, 1.0), (h, w))
+  return jnp.clip(low, -1.0, 1.0)
+
+
+def down_up(x_hr: Array, low_size: int | tuple[int, int], *, method: str = "bicubic") -> Array:
+  """The low-res view a pixel SR stage sees: `downsample`, then IF-style upsample."""
+  return upsample_bilinear(downsample(x_hr, low_size, method=method), x_hr.shape[1:3])
 
 
 def lowres_condition(x_hr: Array, low_size: int | tuple[int, int], aug_level, rng: Array,

@@ -209,14 +209,17 @@ class AutoencoderKL(nnx.Module):
       z = self.post_quant_conv(z)
     return self.decoder(z)
 
-  def encode_latents(self, images, key: jax.Array | None = None) -> jax.Array:
-    """The latents diffusion trains on: a posterior sample (the mean when `key` is None),
-    shifted and scaled as the diffusers pipelines do."""
+  def encode_latents(self, images, key: jax.Array | None = None, *,
+                     noise: jax.Array | None = None) -> jax.Array:
+    """The latents diffusion trains on: a posterior sample (the mean when neither `key` nor
+    `noise` is given), shifted and scaled as the diffusers pipelines do. `noise` is the
+    posterior's standard normal draw itself (what `latent_dist.sample()` draws)."""
     mean, logvar = self.encode(images)
     z = mean
-    if key is not None:
-      noise = jax.random.normal(key, mean.shape, jnp.float32).astype(mean.dtype)
-      z = mean + jnp.exp(0.5 * logvar) * noise
+    if key is not None and noise is None:
+      noise = jax.random.normal(key, mean.shape, jnp.float32)
+    if noise is not None:
+      z = mean + jnp.exp(0.5 * logvar) * noise.astype(mean.dtype)
     shift = self.cfg.shift_factor or 0.0
     return (z - shift) * self.cfg.scaling_factor if shift else z * self.cfg.scaling_factor
 
