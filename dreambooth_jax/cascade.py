@@ -139,6 +139,12 @@ class Stage:
     """Drops the stage's own params (a loader brings them back on the next use)."""
     self._params = None
 
+  def frozen_parts(self) -> dict:
+    """Frozen models the loss reads besides the UNet, as {part: state}: the train step
+    takes them as arguments (`methods.FROZEN_PARTS`), not as jit constants. None here;
+    the x4 upscaler's VAE encoder."""
+    return {}
+
   # -- the network as a function of (params, x_t, t, cond) ---------------------------------
 
   def apply(self, params, x, t, cond):

@@ -21,8 +21,17 @@ reproduces `StableDiffusionUpscalePipeline.__call__` (diffusers 0.42):
 
 The cascade's `aug_level` is a fraction of the 1000-step schedule as for IF
 (0.25 = IF-II's noise_level 250), so noise_level 100 is `sample_aug_level`
-0.1; it must land on an integer level. Fine-tuning this stage (latent-space
-training) is not implemented: `loss` refuses.
+0.1; it must land on an integer level.
+
+Fine-tuning (`stages=...+sr1024`, `loss`) trains as the upscaler was trained
+(Stability's `LatentUpscaleDiffusion`): the hi-res image is VAE-encoded to a
+posterior *sample* times the scaling factor (`get_first_stage_encoding`;
+diffusers' training scripts do the same with `latent_dist.sample()`), the
+low-res input is the image downsampled 4x and noised by the low-res scheduler,
+the UNet regresses v on the scaled-linear schedule. Pretraining drew the
+noise level uniformly from 0..349; DreamBooth lowers SR augmentation for
+fine-tuning, so here it is one fixed integer level, `train_aug_level` (0 by
+the configs: the lowest, the low-res scheduler's sigma 0.01).
 """
 
 from __future__ import annotations
@@ -166,11 +175,55 @@ class LatentUpscaleStage(cascade_lib.Stage):
     cond = cascade_lib.broadcast_cond({"text": both[:len(texts)]}, batch)
     return cond, (cascade_lib.broadcast_cond({"text": both[len(texts):]}, batch) if guided else None)
 
-  # -- sampling ------------------------------------------------------------------------------
+  # -- training ------------------------------------------------------------------------------
 
-  def loss(self, *args, **kwargs):
-    raise NotImplementedError(f"stage {self.name!r} is the x4 latent upscaler: fine-tuning it "
-                              "(latent-space training) is not implemented; tune base and sr256")
+  def frozen_parts(self) -> dict:
+    """The VAE, whose encoder makes the latents the loss diffuses (frozen, replicated)."""
+    return {"vae": self._vae.get()}
+
+  def train_noise_level(self, aug_level=None) -> int:
+    """The integer noise_level the loss noises the low-res input at (`train_aug_level`)."""
+    return noise_level_of(self.settings.train_aug_level if aug_level is None else aug_level,
+                          self.max_noise_level)
+
+  def loss_draws(self, rng: Array, batch: int) -> dict[str, Array]:
+    """What `loss(..., rng)` draws, materialised (for feeding a reference the same draws):
+    {"posterior": the VAE posterior's standard normal, "lowres": the low-res image's
+    noise, "t": timesteps [B], "noise": the latents' noise}."""
+    r = self.lowres_resolution  # the latents' side too: the VAE is f/4, the upscaler x4
+    k_post, k_low, k_t, k_noise = jax.random.split(rng, 4)
+    latent = (batch, r, r, self.vae_cfg.latent_channels)
+    return {"posterior": jax.random.normal(k_post, latent, jnp.float32),
+            "lowres": jax.random.normal(k_low, (batch, r, r, LOWRES_CHANNELS), jnp.float32),
+            "t": self.schedule.sample_t(k_t, batch),
+            "noise": jax.random.normal(k_noise, latent, jnp.float32)}
+
+  def loss(self, params, images: Array, text: Array, mask: Array | None, rng: Array, *,
+           aug_level=None, parts: Mapping[str, Any] | None = None,
+           draws: Mapping[str, Array] | None = None) -> tuple[Array, dict]:
+    """Per-example v-prediction loss [B] of `images` [B, 4r, 4r, 3] in [-1, 1] (see the
+    module docstring). `text`: its CLIP's states of the prompts, not T5's. `parts`: the
+    frozen VAE's state (`frozen_parts`; the step passes it, so it is an argument of the
+    compiled program); `draws` replace the random draws (`loss_draws`)."""
+    s, r = self.settings, self.lowres_resolution
+    images = jnp.asarray(images, jnp.float32)
+    if images.shape[1:] != (s.resolution, s.resolution, LOWRES_CHANNELS):
+      raise ValueError(f"stage {self.name!r} trains on [B, {s.resolution}, {s.resolution}, 3] "
+                       f"images, got {images.shape}")
+    level = self.train_noise_level(aug_level)
+    d = self.loss_draws(rng, images.shape[0]) if draws is None else draws
+    vae = nnx.merge(self.vae_graphdef, self._vae.get() if parts is None else parts["vae"])
+    # Frozen: no gradient reaches the VAE, and none of its activations are kept.
+    latents = jax.lax.stop_gradient(vae.encode_latents(images, noise=d["posterior"]))
+    low, labels = self.lowres_input(diffusion.downsample(images, r), None, level / 1000.0,
+                                    noise=d["lowres"])
+    cond = {"text": text, "mask": mask, "lowres": low, "aug": labels}
+    return diffusion.loss(lambda x, t, c: self.apply(params, x, t, c), self.schedule,
+                          latents.astype(jnp.float32), rng, cond,
+                          prediction_type=self.prediction_type, weighting=s.weighting,
+                          min_snr_gamma=s.min_snr_gamma, t=d["t"], noise=d["noise"])
+
+  # -- sampling ------------------------------------------------------------------------------
 
   def lowres_input(self, lowres: Array, rng: Array, aug_level=None, *,
                    noise: Array | None = None) -> tuple[Array, Array]:
