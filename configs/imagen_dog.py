@@ -14,7 +14,9 @@ XXL first; see the README):
     --config.pretrained.t5=IF-I-XL-v1.0/text_encoder --config.pretrained.tokenizer=IF-I-XL-v1.0/tokenizer
 
 Add `--config.pretrained.stage_3=stable-diffusion-x4-upscaler` (the download folder) for
-1024 px samples: DeepFloyd's public stage III, run frozen after the tuned stages.
+1024 px samples: DeepFloyd's public stage III, run frozen after the tuned stages, or
+fine-tuned too with `stages=base+sr256+sr1024` (latent space, at 1024 px; class priors
+are then sampled up to 1024 px).
 
 Arguments after ':' (comma-separated): a variant (`tiny` or `if`),
 `method=dreambooth|textual_inversion|ti_then_finetune` (each with its paper's
@@ -118,13 +120,17 @@ def get_config(arg=None):
   )
   # Stage III, 256 -> 1024: DeepFloyd's public one is Stable Diffusion's x4 latent upscaler
   # (pretrained.stage_3), sampled as its pipeline does (DDIM, 75 steps, guidance 9) at
-  # noise_level 100 (aug 0.1), as IF's docs call it; fine-tuning it is not implemented.
-  # `:stage3` gives the tiny cascade a tiny random one (64 -> 256 px). It is opt-in: a
-  # third stage to compile would slow every tiny run and test. (Tiny `stages=...+sr1024`
-  # without it tunes a 128 px IF-style pixel stage.)
+  # noise_level 100 (aug 0.1), as IF's docs call it. `:stage3` gives the tiny cascade a tiny
+  # random one (64 -> 256 px). It is opt-in: a third stage to compile would slow every tiny
+  # run and test. (Tiny `stages=...+sr1024` without it tunes a 128 px IF-style pixel stage.)
+  # Fine-tuning it (`stages=...+sr1024`, off by default): its low-res input is noised at
+  # one integer noise_level = train_aug_level * 1000 (at most 350). Pretraining drew levels
+  # uniformly from 0..349; lowered as DreamBooth lowers SR augmentation, the default is the
+  # lowest, 0 (its low-res scheduler's sigma 0.01).
   c.tiny.x4_upscaler = tiny and arg.stage3
   if not tiny or arg.stage3:
-    c.cascade.sr1024 = _stage(256 if tiny else 1024, 9.0, 10 if tiny else 75, sample_aug=0.1)
+    c.cascade.sr1024 = _stage(256 if tiny else 1024, 9.0, 10 if tiny else 75, sample_aug=0.1,
+                              train_aug=0.0)
     c.cascade.sr1024.sampler = "ddim"
 
   # -- LoRA: low-rank adapters as the only trainable UNet state (rank 0 = full fine-tuning) --

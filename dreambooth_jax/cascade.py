@@ -281,8 +281,8 @@ class Cascade:
     prompts: the prompt texts (one, or one per image), for stages with a text encoder
       of their own (`own_text_encoder`: the x4 upscaler's CLIP; negative prompt "").
       Without them the cascade ends before such a stage (naming it in `upto` raises):
-      callers that hold only T5 embeddings (class priors, training previews) keep
-      the IF stages they had.
+      callers that hold only T5 embeddings keep the IF stages they had. (Class
+      priors pass the class prompt when such a stage is tuned.)
     sampler: {stage: 'ddpm' | 'ddim' | 'dpmpp_2m'} for the IF stages named (with
       `num_steps`: a faster solver than the settings' for in-loop evaluation); a stage
       with its own text encoder keeps its own sampler.

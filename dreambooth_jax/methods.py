@@ -50,6 +50,9 @@ from dreambooth_jax.embeddings import encode_with_learned
 
 METHODS = ("dreambooth", "textual_inversion", "ti_then_finetune")
 TOKENS = "tokens"  # the key of the learned embedding rows in params / fixed
+# The key in `frozen` of the frozen models a stage's loss reads besides its UNet,
+# {stage: {part: state}} (`Stage.frozen_parts`: the x4 upscaler's VAE).
+FROZEN_PARTS = "frozen_parts"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,25 +192,31 @@ def dreambooth_loss(stages: Mapping[str, cascade_lib.Stage], params: Mapping[str
 
   batch[stage] = {"instance": [Bi, r, r, 3], "prior": [Bp, r, r, 3]} (prior may be
   absent: no prior preservation); batch["text"] = {"instance": {"text", "mask"},
-  "class": {...}} with a leading axis of 1 (one prompt each).
+  "class": {...}} with a leading axis of 1 (one prompt each). A stage with a text
+  encoder of its own (the x4 upscaler's CLIP) has its prompts' states in
+  batch[stage]["text"], shaped the same; its frozen models besides the UNet are in
+  params[FROZEN_PARTS][stage].
   """
   total, metrics = 0.0, {}
   for i, (name, stage) in enumerate(sorted(stages.items())):
+    text = batch[name].get("text", batch.get("text"))
     x_inst = batch[name]["instance"]
     parts = [x_inst]
-    texts = [jnp.broadcast_to(batch["text"]["instance"]["text"], (x_inst.shape[0],) +
-                              batch["text"]["instance"]["text"].shape[1:])]
-    masks = [jnp.broadcast_to(batch["text"]["instance"]["mask"], (x_inst.shape[0],) +
-                              batch["text"]["instance"]["mask"].shape[1:])]
+    texts = [jnp.broadcast_to(text["instance"]["text"], (x_inst.shape[0],) +
+                              text["instance"]["text"].shape[1:])]
+    masks = [jnp.broadcast_to(text["instance"]["mask"], (x_inst.shape[0],) +
+                              text["instance"]["mask"].shape[1:])]
     x_prior = batch[name].get("prior")
     if x_prior is not None:
       parts.append(x_prior)
-      texts.append(jnp.broadcast_to(batch["text"]["class"]["text"], (x_prior.shape[0],) +
-                                    batch["text"]["class"]["text"].shape[1:]))
-      masks.append(jnp.broadcast_to(batch["text"]["class"]["mask"], (x_prior.shape[0],) +
-                                    batch["text"]["class"]["mask"].shape[1:]))
+      texts.append(jnp.broadcast_to(text["class"]["text"], (x_prior.shape[0],) +
+                                    text["class"]["text"].shape[1:]))
+      masks.append(jnp.broadcast_to(text["class"]["mask"], (x_prior.shape[0],) +
+                                    text["class"]["mask"].shape[1:]))
+    frozen_parts = params.get(FROZEN_PARTS, {}).get(name)
     per_example, m = stage.loss(params[name], jnp.concatenate(parts), jnp.concatenate(texts),
-                                jnp.concatenate(masks), jax.random.fold_in(rng, i))
+                                jnp.concatenate(masks), jax.random.fold_in(rng, i),
+                                **({"parts": frozen_parts} if frozen_parts else {}))
     n = x_inst.shape[0]
     inst = per_example[:n].mean()
     loss = inst
@@ -237,7 +246,8 @@ def make_train_step(stages: Mapping[str, cascade_lib.Stage], tx: optax.GradientT
 
   `stages`: the stages whose loss is summed (their UNets in `state["params"]` when
   they learn, else in `frozen`; a `lora.LoRAStage` learns adapters in `params` on
-  its frozen weights in `frozen`). `frozen` may hold "t5" (params of the
+  its frozen weights in `frozen`; a stage's other frozen models, the x4 upscaler's
+  VAE, are in `frozen[FROZEN_PARTS]`). `frozen` may hold "t5" (params of the
   `t5_graphdef` encoder) for phases that learn token rows; the instance text
   in `batch` is then token ids ({"input_ids", "mask"}) encoded inside the step.
   With `text` (a `lora.LoRAText`) T5's adapters learn in `params["text_encoder"]`
@@ -259,7 +269,7 @@ def make_train_step(stages: Mapping[str, cascade_lib.Stage], tx: optax.GradientT
     for name, stage in stages.items():  # LoRA: the learned adapters on the frozen weights
       if name in params and name in frozen and hasattr(stage, "bind"):
         every[name] = stage.bind(frozen[name], params[name], jax.random.fold_in(rng, 7919))
-    text = dict(micro["text"])
+    text = dict(micro.get("text", {}))  # none when every stage brings its own (x4 upscaler)
     ids = [k for k, v in text.items() if "input_ids" in v]
     if ids:  # token ids: through T5 here, so gradients reach the rows or T5's adapters
       t5 = encoder(params, frozen, rng)

@@ -271,26 +271,50 @@ def stage_settings(config, name: str) -> cascade_lib.StageSettings:
       text_mask=bool(config.model.get("unet_text_mask", False)))
 
 
+def check_x4_tuning(config, name: str = "sr1024") -> None:
+  """What tuning the x4 upscaler (`stages=...+sr1024`) supports: full fine-tuning of its
+  UNet with the DreamBooth loss. Learned T5 tokens cannot reach it (its prompts go
+  through its own CLIP), and LoRA on it is not built."""
+  why = None
+  if config.method in ("textual_inversion", "ti_then_finetune"):
+    why = (f"config.method={config.method!r} learns a T5 token row, but the x4 upscaler reads "
+           "its prompts through its own CLIP text encoder, which the row never reaches")
+  elif lora_lib.settings(config) is not None:
+    why = "LoRA adapters on the x4 upscaler's UNet are not implemented (set lora.rank=0)"
+  if why:
+    raise config_lib.ConfigError(
+        f"config.stages={config.stages!r} fine-tunes {name}, the x4 latent upscaler: {why}; "
+        f"or drop {name} from config.stages and let it sample 256 -> 1024 frozen")
+
+
 def _x4_upscaler_stage(config, name, lowres_from, tuned, checked, mesh, rules):
   """(stage, fingerprint) of Stage III as Stable Diffusion's x4 latent upscaler: the
-  stage_3 download, or a tiny random one. Sampling only: its latent UNet is not tuned."""
+  stage_3 download, or a tiny random one. Tuned (`stages=...+sr1024`), its UNet learns
+  in latent space (`LatentUpscaleStage.loss`) at `train_aug_level`'s noise level."""
   if name in tuned:
-    raise config_lib.ConfigError(
-        f"config.stages={config.stages!r} fine-tunes {name}, but stage III here is the x4 latent "
-        "upscaler, whose (latent-space) fine-tuning is not implemented; tune base and/or sr256 "
-        "and let the upscaler sample 256 -> 1024 frozen")
+    check_x4_tuning(config, name)
   settings, low = stage_settings(config, name), config.cascade[lowres_from].resolution
   dtype, param_dtype = _dtype(config.model.dtype), unet_param_dtype(config)
   try:
     if checked is None:
-      return upscaler_lib.tiny_stage(name, settings, lowres_resolution=low, seed=config.tiny.seed,
-                                     mesh=mesh, rules=rules, dtype=dtype, param_dtype=param_dtype)
-    folder = checked.upscaler.folder
-    stage3 = upscaler_lib.load_stage(name, folder, settings, lowres_resolution=low, mesh=mesh,
-                                     rules=rules, dtype=dtype, param_dtype=param_dtype,
-                                     remat=config.model.remat)
+      stage3, print_ = upscaler_lib.tiny_stage(
+          name, settings, lowres_resolution=low, seed=config.tiny.seed, mesh=mesh, rules=rules,
+          dtype=dtype, param_dtype=param_dtype)
+    else:
+      folder = checked.upscaler.folder
+      stage3 = upscaler_lib.load_stage(name, folder, settings, lowres_resolution=low, mesh=mesh,
+                                       rules=rules, dtype=dtype, param_dtype=param_dtype,
+                                       remat=config.model.remat)
   except ValueError as e:  # settings the upscaler cannot take (resolution, noise level)
     raise config_lib.ConfigError(str(e)) from e
+  if name in tuned:  # checked at build, not at the first step
+    try:
+      stage3.train_noise_level()
+    except ValueError as e:
+      raise config_lib.ConfigError(
+          f"config.cascade.{name}.train_aug_level={settings.train_aug_level}: {e}") from e
+  if checked is None:
+    return stage3, print_
   parts = (sd_upscaler.resolve(folder, part) for part in ("unet", "vae", "text_encoder"))
   return stage3, "x4_upscaler:" + ":".join(_folder_fingerprint(p) for p in parts)
 

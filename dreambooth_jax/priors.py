@@ -5,7 +5,8 @@ class prompt ("a dog") that the *frozen* model generated with its ancestral
 sampler. For an Imagen-style cascade the images are needed at every tuned
 stage's resolution and must be one generation: the 256 px SR target of image i
 is the upscaling of the 64 px base image i. So the cascade runs up to the
-highest tuned stage and every stage's output is stored:
+highest tuned stage and every stage's output is stored (with stage III, the x4
+upscaler, tuned: up to 1024 px, the class prompt's text handed to its CLIP):
 
     out_dir/manifest.json
     out_dir/base/00000.png  out_dir/base/00001.png ...
@@ -413,11 +414,16 @@ def generate_priors(cascade: Cascade, spec: PriorSpec, cond: Mapping[str, Any],
   guidance = {n: s.guidance_scale for n, s in spec.sampler}
   aug = {n: s.aug_level for n, s in spec.sampler if s.aug_level is not None}
   key = jax.random.key(spec.seed)
+  # A stage with a text encoder of its own (the x4 upscaler as stage III, its CLIP) reads the
+  # class prompt as text; IF's stages keep the T5 embeddings given.
+  own = any(getattr(cascade.by_name[s], "own_text_encoder", False) for s in spec.stages)
+  texts = {"prompts": spec.prompt} if own else {}
   try:
     for k in batches:
       images = cascade.sample(cond, jax.random.fold_in(key, k), uncond_embeddings=uncond,
                               batch_size=spec.batch_size, upto=spec.stages[-1],
-                              guidance_scale=guidance, num_steps=num_steps, aug_level=aug, mesh=mesh)
+                              guidance_scale=guidance, num_steps=num_steps, aug_level=aug, mesh=mesh,
+                              **texts)
       first, last = k * spec.batch_size, min((k + 1) * spec.batch_size, spec.num_images)
       if lead:
         for i in range(first, last):

@@ -193,7 +193,8 @@ def batch_split(mesh, batch_size: int, prior_batch_size: int) -> bool:
 
 def batch_layout(mesh, resolutions: Mapping[str, int], *, batch_size: int, prior_batch_size: int,
                  grad_accum: int = 1, text_width: int, token_ids: bool = False,
-                 channels: int = 3) -> tuple[dict, dict]:
+                 channels: int = 3, own_text: Mapping[str, int] | None = None
+                 ) -> tuple[dict, dict]:
   """(abstract batch, shardings) of `train_step`'s batch argument.
 
   batch[stage] = {"instance": [A, B, r, r, C], "prior": [A, Bp, r, r, C]} (no "prior"
@@ -201,7 +202,9 @@ def batch_layout(mesh, resolutions: Mapping[str, int], *, batch_size: int, prior
   {"text": [A, 1, L, D], "mask": [A, 1, L]}; with `token_ids` the instance prompt is
   {"input_ids", "mask"} (the step encodes it with the learned rows). A is the
   gradient-accumulation axis; the batch axis (1) is split over the data axes when
-  `batch_split`, the text is replicated.
+  `batch_split`, the text is replicated. `own_text` {stage: width} names the stages
+  with a text encoder of their own (the x4 upscaler's CLIP): batch[stage]["text"]
+  holds their states of both prompts, shaped as batch["text"] at that width.
   """
   split = batch_split(mesh, batch_size, prior_batch_size)
   replicated = NamedSharding(mesh, P())
@@ -218,4 +221,9 @@ def batch_layout(mesh, resolutions: Mapping[str, int], *, batch_size: int, prior
                "mask": prompt["mask"]} if token_ids else prompt)
   batch["text"] = {"instance": instance, "class": dict(prompt)}
   shardings_["text"] = jax.tree.map(lambda _: replicated, batch["text"])
+  for name, width in (own_text or {}).items():
+    own = {"text": jax.ShapeDtypeStruct((grad_accum, 1, TEXT_LEN, width), jnp.float32),
+           "mask": prompt["mask"]}
+    batch[name]["text"] = {"instance": own, "class": dict(own)}
+    shardings_[name]["text"] = jax.tree.map(lambda _: replicated, batch[name]["text"])
   return batch, shardings_

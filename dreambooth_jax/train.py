@@ -91,6 +91,15 @@ def run(config, workdir):
                          if not learned(p)], cache_dir)
   emb = lambda ps: embeddings.stack_embeddings(table, ps)
   uncond = emb([""])
+  # A tuned stage with a text encoder of its own (the x4 upscaler's frozen CLIP) reads the
+  # prompts as typed through it, as its pipeline does at sampling: both embedded once.
+  own_text = {}
+  for name in tuned:
+    stage = models.cascade.by_name[name]
+    if getattr(stage, "own_text_encoder", False):
+      states = np.asarray(stage.embed([instance_prompt, class_prompt])["text"])
+      own_text[name] = {k: {"text": states[i:i + 1], "mask": np.ones((1, states.shape[1]), np.int32)}
+                        for i, k in enumerate(("instance", "class"))}
 
   # == Class priors from the frozen cascade ===========================================
   prior_images = None
@@ -103,7 +112,9 @@ def run(config, workdir):
                                         workdir / "class_priors", mesh=mesh,
                                         process_index=jax.process_index(),
                                         process_count=jax.process_count())
-    prior_images = {s: data.to_model_range(prior_images[s]) for s in tuned}
+    # Kept uint8, converted per batch: 1000 class images at 1024 px (a tuned stage III) are
+    # 3 GiB of host memory as uint8, 12 GiB as float32.
+    prior_images = {s: prior_images[s] for s in tuned}
   # Frozen stages keep their weights (class priors, sample grids); a tuned stage's pretrained
   # weights move into the train state below, or are never needed when it is restored.
 
@@ -141,8 +152,8 @@ def run(config, workdir):
 
   def compile_step(ps: state_lib.PhaseSetup):
     """The jitted step and what it reads but never learns: UNets the phase keeps fixed,
-    and T5 while token rows or its adapters learn, placed by the rules (already there:
-    no copy)."""
+    T5 while token rows or its adapters learn, placed by the rules (already there:
+    no copy), and a tuned stage's other frozen models (the x4 upscaler's VAE)."""
     frozen, graphdef = {}, None
     for n, s in ps.stages.items():
       if not ps.phase.train_unets:
@@ -152,6 +163,13 @@ def run(config, workdir):
     if ps.phase.train_tokens or ps.text is not None:
       graphdef, frozen["t5"] = nnx.split(t5)
     frozen_sh = {k: sharding.param_shardings(v, mesh, rules) for k, v in frozen.items()}
+    # A stage's other frozen models (the x4 upscaler's VAE) keep the placement they were
+    # loaded with (the VAE is replicated: upscaler.vae_rules).
+    parts = {n: s.frozen_parts() for n, s in ps.stages.items()}
+    parts = {n: p for n, p in parts.items() if p}
+    if parts:
+      frozen[methods.FROZEN_PARTS] = parts
+      frozen_sh[methods.FROZEN_PARTS] = jax.tree.map(lambda x: x.sharding, parts)
     step_fn = jax.jit(methods.make_train_step(ps.stages, ps.tx, config.prior.weight,
                                               t5_graphdef=graphdef, text=ps.text),
                       in_shardings=(ps.shardings, None, frozen_sh), out_shardings=(ps.shardings, None),
@@ -194,11 +212,14 @@ def run(config, workdir):
       for name in tuned:
         batch[name]["instance"].append(inst[name])
         if idx is not None:
-          batch[name]["prior"].append(prior_images[name][idx])
+          batch[name]["prior"].append(data.to_model_range(prior_images[name][idx]))
     put = lambda sh, x: jax.make_array_from_process_local_data(sh, x)
     out = {name: {k: put(layout[name][k], np.stack(v)) for k, v in batch[name].items() if v}
            for name in tuned}
     out["text"] = jax.tree.map(lambda x: put(replicated, x), text)
+    for name, own in own_text.items():  # the same prompts, through the stage's own encoder
+      out[name]["text"] = jax.tree.map(
+          lambda x: put(replicated, np.broadcast_to(x, (t.grad_accum,) + x.shape)), own)
     return out
 
   def write_samples(ps: state_lib.PhaseSetup, state, step: int):
@@ -249,7 +270,8 @@ def run(config, workdir):
     _, layout = state_lib.batch_layout(
         mesh, resolutions, batch_size=t.batch_size, grad_accum=t.grad_accum,
         prior_batch_size=t.prior_batch_size if phase.prior and prior_images is not None else 0,
-        text_width=models.t5_width)
+        text_width=models.t5_width,
+        own_text={n: v["instance"]["text"].shape[-1] for n, v in own_text.items()})
     for step in range(int(state["step"]), phase.end):
       batch = make_batch(ps, step, text, layout)
       with jax.set_mesh(mesh):  # traced with the mesh: the UNets pin activations' batch axis

@@ -1,5 +1,6 @@
 """Stage III (the x4 latent upscaler) against diffusers: every DDIM step, the low-res
-noising, and a three-stage cascade whose stage III runs against `StableDiffusionUpscalePipeline`.
+noising, a three-stage cascade whose stage III runs against `StableDiffusionUpscalePipeline`,
+and its fine-tuning: one loss evaluation against diffusers' pieces, the train step, the export.
 
 The tiny upscaler download is test_sd_upscaler's (`repo`: diffusers' and transformers' own
 `save_pretrained` in the Hub layout). The pipeline is fed our initial latents (`latents=`)
@@ -10,21 +11,25 @@ the VAE decode and clipping) is the pipeline's own."""
 import os
 import shutil
 
+import diffusers.models.autoencoders.vae as vae_module
 import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_upscale as upscale_module
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionUpscalePipeline
+from diffusers import UNet2DConditionModel
 
-from dreambooth_jax import cascade, config_lib, diffusion, embeddings, finetuned, pipeline, samplers
-from dreambooth_jax import upscaler
+from dreambooth_jax import cascade, checkpoint, config_lib, diffusion, embeddings, finetuned
+from dreambooth_jax import methods, pipeline, samplers, upscaler
 from dreambooth_jax import weights
 from dreambooth_jax.weights import WeightsError
 from conftest import run_cli
-from if_repos import reference_config
-from test_sd_upscaler import repo  # noqa: F401  (the tiny download fixture)
+from if_repos import randomized, reference_config
+from test_sd_upscaler import _tiny, repo  # noqa: F401  (the tiny download fixture)
 from test_if_pipelines import STEPS
 from train_helpers import if_config
 
@@ -159,7 +164,7 @@ def test_three_stage_cascade_matches_upscale_pipeline(if_repos, repo, monkeypatc
 
 def test_tiny_stage_three_is_opt_in():
   """The tiny cascade compiles no third stage unless asked (`:stage3`), which gives it a
-  tiny random x4 upscaler of the real architecture, 64 -> 256 px; it is never tuned."""
+  tiny random x4 upscaler of the real architecture, 64 -> 256 px; tuned only if asked."""
   from configs import imagen_dog
   default = pipeline.build(imagen_dog.get_config("tiny"))
   assert [s.name for s in default.cascade.stages] == ["base", "sr256"]
@@ -169,8 +174,15 @@ def test_tiny_stage_three_is_opt_in():
   assert (stage.lowres_resolution, stage.settings.resolution, stage.settings.num_steps) == (64, 256, 10)
   assert stage.step_config.prediction_type == "v_prediction" and stage.max_noise_level == 350
   assert default.weights_fingerprint != models.weights_fingerprint
-  with pytest.raises(config_lib.ConfigError, match="not implemented"):
-    pipeline.build(imagen_dog.get_config("tiny,stage3,stages=base+sr1024"))
+  # Tuning it (`stages=...+sr1024`; what pipeline.build checks, called alone: each build of
+  # the tiny cascade costs a second): full fine-tuning, at an integer noise level.
+  pipeline.check_x4_tuning(imagen_dog.get_config("tiny,stage3,stages=base+sr256+sr1024"))
+  assert stage.train_noise_level() == 0  # the config's lowered level
+  with pytest.raises(ValueError, match="noise_level 0.01"):
+    stage.train_noise_level(1e-5)  # the pixel stages' level is between integer levels
+  for arg, fragment in (("lora=4", "LoRA"), ("method=ti_then_finetune", "own CLIP")):
+    with pytest.raises(config_lib.ConfigError, match=fragment):
+      pipeline.check_x4_tuning(imagen_dog.get_config(f"tiny,stage3,stages=sr1024,{arg}"))
 
 
 def test_wrong_stage_three_folder_is_one_paragraph(if_repos, repo, tmp_path):
@@ -222,3 +234,121 @@ def test_stage_three_joins_a_workdir_trained_without_it(if_repos, repo, tmp_path
   assert r.returncode == 2 and "Traceback" not in r.stderr
   assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
   assert "stabilityai/stable-diffusion-x4-upscaler" in r.stderr
+
+
+# -- fine-tuning stage III ------------------------------------------------------------------
+
+TRAIN_LOW = 8  # the tuned stage's latent and low-res side: 32 px training images
+# The download's UNet at one level instead of four (its cross-attention blocks, mid block,
+# noise-level table and linear projections): compiling the train step is most of this
+# test, and the UNet's depth sets it (XLA:CPU, 2-core machine: 13 s of CPU at one level,
+# 19 s at two). The four-level UNet's parity is test_sd_upscaler's.
+ONE_LEVEL = dict(block_out_channels=[16], down_block_types=["CrossAttnDownBlock2D"],
+                 up_block_types=["CrossAttnUpBlock2D"], only_cross_attention=[False],
+                 layers_per_block=1, norm_num_groups=4, cross_attention_dim=32, sample_size=TRAIN_LOW)
+TRAIN_LEVEL = 20  # noise_level of the low-res input (train_aug_level 0.02): not 0, to see it
+PROMPTS = ["a sks dog", "a dog"]  # instance and class prompt, through the upscaler's CLIP
+
+
+def _training_images():
+  return np.tanh(1.5 * np.random.RandomState(5).randn(2, 4 * TRAIN_LOW, 4 * TRAIN_LOW, 3)
+                 ).astype(np.float32)
+
+
+def reference_loss(pipe, images, draws, monkeypatch):
+  """One loss evaluation as a diffusers training script assembles it from the pieces of
+  `pipe` (a StableDiffusionUpscalePipeline): CLIP's last hidden state of the prompts,
+  `vae.encode(x).latent_dist.sample() * scaling_factor`, the 4x-downsampled image noised by
+  `low_res_scheduler.add_noise`, a `DDPMScheduler` of the pipeline's scheduler config (as the
+  training scripts make one) for `add_noise` / `get_velocity` of the latents, the UNet on 7
+  channels with noise_level as class label, per-example MSE. Every random draw is ours
+  (`draws`); the posterior's is its one `randn_tensor` call."""
+  scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+  ids = pipe.tokenizer(PROMPTS, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                       truncation=True, return_tensors="pt").input_ids
+  monkeypatch.setattr(vae_module, "randn_tensor", lambda *a, **k: nchw(draws["posterior"]))
+  x = nchw(images)
+  with torch.no_grad():
+    text = pipe.text_encoder(ids).last_hidden_state
+    latents = pipe.vae.encode(x).latent_dist.sample() * pipe.vae.config.scaling_factor
+    low = F.interpolate(x, size=(TRAIN_LOW, TRAIN_LOW), mode="bicubic", antialias=True).clamp(-1, 1)
+    levels = torch.full((x.shape[0],), TRAIN_LEVEL)
+    low = pipe.low_res_scheduler.add_noise(low, nchw(draws["lowres"]), levels)
+    t, noise = torch.tensor(np.asarray(draws["t"])).long(), nchw(draws["noise"])
+    noisy = scheduler.add_noise(latents, noise, t)
+    pred = pipe.unet(torch.cat([noisy, low], dim=1), t, encoder_hidden_states=text,
+                     class_labels=levels).sample
+    target = scheduler.get_velocity(latents, noise, t)
+  assert scheduler.config.prediction_type == "v_prediction"
+  assert pipe.vae.config.scaling_factor == 0.08333
+  return ((pred - target) ** 2).mean(dim=(1, 2, 3)).numpy()
+
+
+def test_stage_three_training_matches_diffusers_and_exports(repo, reference_configs_dir, tmp_path,
+                                                             monkeypatch):
+  """Stage III tuned alone by the library's step (`methods.make_train_step`: an instance and
+  a prior image, its CLIP's states of the instance and class prompts in the stage's batch,
+  the VAE a frozen part), one compiled program: the loss of step 1 against
+  `reference_loss` on the draws the step makes; after 2 steps the UNet has moved, its
+  noise-level table only in the trained level's row; the export, loaded by
+  `StableDiffusionUpscalePipeline` as its `unet`, gives step 3's loss in the reference."""
+  download, _ = repo
+  folder = tmp_path / "x4_one_level"  # the download with a one-level UNet (ONE_LEVEL)
+  shutil.copytree(download, folder, ignore=shutil.ignore_patterns("unet"))
+  torch.manual_seed(0)
+  unet = randomized(UNet2DConditionModel(**_tiny(reference_configs_dir, "unet", **ONE_LEVEL)), seed=3)
+  unet.save_pretrained(folder / "unet")
+  folder = str(folder)
+  load = lambda **kw: StableDiffusionUpscalePipeline.from_pretrained(folder, dtype=torch.float32, **kw)
+  settings = cascade.StageSettings(resolution=4 * TRAIN_LOW, sampler="ddim", sample_aug_level=0.1,
+                                   train_aug_level=TRAIN_LEVEL / 1000)
+  stage = upscaler.load_stage("sr1024", folder, settings, lowres_resolution=TRAIN_LOW)
+  tx = optax.sgd(1e-2)  # a param moves iff its gradient is not zero
+  params = {"sr1024": stage.params}
+  key = jax.random.key(0)
+  state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0), "rng": key}
+  frozen = {methods.FROZEN_PARTS: {"sr1024": stage.frozen_parts()}}
+  text = np.asarray(stage.embed(PROMPTS)["text"])
+  own = {k: {"text": text[None, i:i + 1], "mask": np.ones((1, 1, text.shape[1]), np.int32)}
+         for i, k in enumerate(("instance", "class"))}
+  images = _training_images()
+  batch = {"sr1024": {"instance": images[None, :1], "prior": images[None, 1:], "text": own}}
+  step = jax.jit(methods.make_train_step({"sr1024": stage}, tx, 1.0))
+  loss_draws = jax.jit(stage.loss_draws, static_argnums=1)  # one program, not an op at a time
+
+  def step_loss(state, pipe):
+    """(ours, reference) per-example loss of the next step: its draws are those of the key
+    the step folds (step, micro-batch 0, stage 0) and `loss_draws` materialises."""
+    rng = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, int(state["step"])), 0), 0)
+    draws = jax.device_get(loss_draws(rng, 2))
+    state, m = step(state, batch, frozen)
+    got = np.array([m["sr1024/instance_loss"], m["sr1024/prior_loss"]])
+    return state, got, reference_loss(pipe, images, draws, monkeypatch)
+
+  state, got, want = step_loss(state, load(unet=unet))
+  err = float(np.abs(got - want).max())
+  print(f"\nstage III loss (instance, prior; noise_level {TRAIN_LEVEL}) vs diffusers' pieces: "
+        f"ours {got.tolist()} reference {want.tolist()}, max abs err {err:.2e}")
+  assert err < 1e-5 * max(1.0, float(want.max()))
+  state, metrics = step(state, batch, frozen)
+  assert int(state["step"]) == 2 and metrics["finite"] == 1.0
+
+  before = jax.tree_util.tree_leaves_with_path(params)
+  moved = {jax.tree_util.keystr(p): float(np.abs(np.asarray(a) - np.asarray(b)).max())
+           for (p, b), a in zip(before, jax.tree.leaves(state["params"]))}
+  still = [k for k, v in moved.items() if not v > 0]
+  assert not still, still
+  table = lambda p: np.asarray(jax.tree.leaves(p["sr1024"]["class_embedding"])[0])
+  rows = np.abs(table(state["params"]) - table(params)).max(axis=1)
+  assert np.flatnonzero(rows).tolist() == [TRAIN_LEVEL]
+
+  new = jax.device_get(state["params"]["sr1024"])
+  export = checkpoint.export_final(str(tmp_path), {"sr1024": (stage.graphdef, new)},
+                                   {"stages": ["sr1024"]})
+  _, got, want = step_loss(state, load(unet=UNet2DConditionModel.from_pretrained(
+      os.path.join(export, "sr1024"))))
+  err_export = float(np.abs(got - want).max())
+  print(f"after 2 steps, the export as StableDiffusionUpscalePipeline's unet: loss {want.tolist()} "
+        f"vs ours {got.tolist()}, max abs err {err_export:.2e}; all {len(moved)} UNet tensors "
+        f"moved (max {max(moved.values()):.2e}), the noise-level table in row {TRAIN_LEVEL} only")
+  assert err_export < 1e-5 * max(1.0, float(want.max()))
