@@ -149,7 +149,12 @@ class Stage:
 
   def apply(self, params, x, t, cond):
     # `lora.Adapted` params carry their own graphdef: this UNet with adapters on it.
-    model = params.module() if isinstance(params, lora_lib.Adapted) else nnx.merge(self.graphdef, params)
+    # Plain params are copied into fresh Variables at the current trace level, as
+    # `Adapted.module` does: inside the sampling loop's scan they are the loop's arguments
+    # (an outer trace), and the UNet's nnx.remat refuses Variables of another trace, so a
+    # config with model.remat on (`if`) could not sample its class priors.
+    model = (params.module() if isinstance(params, lora_lib.Adapted) else
+             nnx.merge(self.graphdef, jax.tree.map(lambda v: v, params)))
     if self.is_sr:
       x = jnp.concatenate([x, cond["lowres"].astype(x.dtype)], axis=-1)
     mask = cond.get("mask") if self.settings.text_mask else None
