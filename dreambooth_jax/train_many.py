@@ -61,6 +61,29 @@ def _eval_every(config) -> int:
   return int(config.eval.get("every", 0)) if config.get("eval") else 0
 
 
+def joint_setup(config, stages, num_subjects: int, phase, mesh, rules, *, token_width: int
+                ) -> state_lib.PhaseSetup:
+  """What the job trains: every tuned stage ({name: cascade stage}) a `LoRAStage` with a
+  subject axis, the per-subject optimiser, the abstract state and its shardings (also
+  what experiments/plan_many.py lowers)."""
+  settings = lora_lib.settings(config)
+  joint = {n: lora_lib.LoRAStage(s, settings, subjects=num_subjects) for n, s in stages.items()}
+  tx, abstract = state_lib.abstract_state(
+      joint, lambda params: subjects_lib.optimizer(config, params, phase), phase, num_tokens=0,
+      token_width=token_width)
+  return state_lib.PhaseSetup(phase, joint, tx, abstract,
+                              state_lib.state_shardings(abstract, mesh, rules))
+
+
+def jit_step(config, ps: state_lib.PhaseSetup, names, frozen_shardings):
+  """The one step of every subject, `(state, batch, frozen) -> (state, metrics)`, jitted with
+  the state donated and sharded as `ps` says; `frozen`: the shared frozen UNets."""
+  return jax.jit(methods.make_train_step(ps.stages, ps.tx, config.prior.weight,
+                                         loss=subjects_lib.joint_loss(names)),
+                 in_shardings=(ps.shardings, None, frozen_shardings),
+                 out_shardings=(ps.shardings, None), donate_argnums=(0,))
+
+
 def run(config, workdir):
   """The whole job; importable as `train_many.run(config, workdir)`; returns the joint state."""
   # == Setup: distributed, mesh, workdir ==========================================
@@ -132,13 +155,9 @@ def run(config, workdir):
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.checkpoint.keep,
                                      async_save=config.checkpoint.async_save)
   settings = lora_lib.settings(config)
-  joint = {n: lora_lib.LoRAStage(models.cascade.by_name[n], settings, subjects=len(subjects))
-           for n in tuned}
-  tx, abstract = state_lib.abstract_state(
-      joint, lambda params: subjects_lib.optimizer(config, params, phase), phase, num_tokens=0,
-      token_width=models.t5_width)
-  ps = state_lib.PhaseSetup(phase, joint, tx, abstract,
-                            state_lib.state_shardings(abstract, mesh, rules))
+  ps = joint_setup(config, {n: models.cascade.by_name[n] for n in tuned}, len(subjects), phase,
+                   mesh, rules, token_width=models.t5_width)
+  joint, tx = ps.stages, ps.tx
   start = ckpt.latest_step()
   if start is not None:
     stored = ckpt.restore_metadata(start).get("subjects")
@@ -158,10 +177,7 @@ def run(config, workdir):
   lone_stages = {n: lora_lib.LoRAStage(models.cascade.by_name[n], settings) for n in tuned}
   lone_ps = state_lib.setup(lone[names[0]], lone_stages, phase, mesh, rules, num_tokens=0,
                             token_width=models.t5_width)  # a lone run's state: the same for all
-  step_fn = jax.jit(methods.make_train_step(joint, tx, config.prior.weight,
-                                            loss=subjects_lib.joint_loss(names)),
-                    in_shardings=(ps.shardings, None, frozen_sh),
-                    out_shardings=(ps.shardings, None), donate_argnums=(0,))
+  step_fn = jit_step(config, ps, names, frozen_sh)
   prior_n = t.prior_batch_size if phase.prior else 0
   _, layout = subjects_lib.batch_layout(mesh, resolutions, num_subjects=len(names),
                                         batch_size=t.batch_size, prior_batch_size=prior_n,
