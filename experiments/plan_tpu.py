@@ -16,7 +16,7 @@ and `jax.jit(...).lower(...).compile()` runs on fake CPU devices
 (`--xla_force_host_platform_device_count`, set before jax is imported) laid out
 like a TPUv4 slice: v4-8 = 4 chips, v4-32 = 16 chips, 32 GiB HBM each.
 
-What is compiled (`--what`):
+What is compiled (`--what`; the programs are plan_programs.py's, their numbers plan_compiled.py's):
   train   the trainer's own step (`methods.make_train_step`), state and shardings from
           `state.setup`, batch laid out by `state.batch_layout` (micro-batch axis, batch
           axis over the data axes when it divides), state donated, as `train.run` does;
@@ -28,14 +28,11 @@ What is compiled (`--what`):
           per-device peak of each phase with the weights resident by then, and time per
           1024 px image (`--model` does not apply).
 
-Reported numbers come from the compiled object:
-  * param bytes / device: each parameter's shard shape under `compiled.input_shardings`;
-  * peak / device = argument + output - alias + temp bytes of `compiled.memory_analysis()`
-    (the SPMD-partitioned module is one device's program, so these are per device);
-  * FLOPs: `compiled.cost_analysis()` is also per device (per partition); the script checks
-    it against the unpartitioned `lowered.cost_analysis()` and prints both.
-Projected time = FLOPs per device / (MFU x 275 TFLOP/s), TPUv4's bf16 peak per chip. The
-FLOPs are the ones the compiled program executes, so rematerialised forwards count.
+Peak / device = argument + output - alias + temp bytes of `compiled.memory_analysis()` and
+FLOPs per device from `compiled.cost_analysis()` (the SPMD-partitioned module is one
+device's program), checked against the unpartitioned `lowered.cost_analysis()`.
+Projected time = FLOPs per device / (MFU x the topology's bf16 peak, 275 TFLOP/s per TPUv4
+chip). The FLOPs are the ones the compiled program executes, so rematerialised forwards count.
 
 The program is traced as a TPU would run it: attention without the CPU backend's query
 chunks, the mesh set (`jax.set_mesh`) so the UNets pin activations to the batch axes,
@@ -53,7 +50,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 
@@ -68,12 +64,7 @@ TOPOLOGIES = {
     "gpu-80": (1, 80.0, 312e12), "gpu-40": (1, 40.0, 312e12), "gpu-24": (1, 24.0, 121e12),
 }
 SLICES = {name: t[0] for name, t in TOPOLOGIES.items()}
-HBM_GIB = 32.0      # of the chosen topology; set in parse_args
-PEAK_FLOPS = 275e12
-GIB = 1024 ** 3
 MODELS = ("if-i-xl", "if-ii-l", "both", "t5")
-STAGE_OF = {"if-i-xl": ("base",), "if-ii-l": ("sr256",), "both": ("base", "sr256")}
-TEXT_LEN = 77  # IF's T5 max length
 
 
 def parse_args(argv=None):
@@ -131,8 +122,7 @@ def parse_args(argv=None):
     args.what = ("encode",)
   if args.devices is None:
     args.devices = 4 if args.tiny else SLICES[args.mesh]
-  global HBM_GIB, PEAK_FLOPS
-  _, HBM_GIB, PEAK_FLOPS = TOPOLOGIES[args.mesh]
+  _, args.hbm_gib, args.peak_flops = TOPOLOGIES[args.mesh]
   return args
 
 
@@ -153,339 +143,17 @@ if __name__ == "__main__":
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import math  # noqa: E402
-import pathlib  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from configs import imagen_dog  # noqa: E402
-from dreambooth_jax import cascade as cascade_lib  # noqa: E402
-from dreambooth_jax import embeddings, lora, methods, pipeline, samplers, sharding  # noqa: E402
-from dreambooth_jax import state as state_lib  # noqa: E402
-from dreambooth_jax.models import t5 as t5_lib  # noqa: E402
-from dreambooth_jax.models import unet as unet_lib  # noqa: E402
-from dreambooth_jax.weights.t5 import abstract_t5_encoder  # noqa: E402
+# This folder's modules (sys.path[0] is the script's): the programs, their numbers, and the
+# plan of the three-stage sampler.
+from plan_programs import (LOWER, STAGE_OF, as_on_tpu, abstract_stage, imagen_dog, lower,  # noqa: E402
+                           make_config, mesh_shape, reference_configs_dir)
+from plan_compiled import GIB, analyse, cost, format_row, resident_bytes  # noqa: E402
+from dreambooth_jax import lora, pipeline, sharding  # noqa: E402
 import plan_sampler  # noqa: E402  (this folder's: sys.path[0] is the script's)
-
-
-# ----------------------------------------------------------------------------
-# Config, mesh and abstract models
-# ----------------------------------------------------------------------------
-
-def reference_configs_dir(args) -> pathlib.Path:
-  value = args.configs or os.environ.get("DREAMBOOTH_REFERENCE_CONFIGS")
-  return pathlib.Path(value) if value else ROOT.parent / "shared" / "reference_configs"
-
-
-def make_config(args):
-  """The `if` config (the `tiny` one with --tiny) with this run's overrides."""
-  config = imagen_dog.get_config("tiny" if args.tiny else "if")
-  m = config.model
-  m.remat = m.remat if args.remat is None else args.remat
-  m.param_dtype = args.param_dtype or m.param_dtype
-  m.dtype = args.dtype or m.dtype
-  if args.tiny:  # the tiny config computes in float32; plan the TPU precision anyway
-    m.dtype = args.dtype or "bfloat16"
-  config.train.batch_size, config.train.prior_batch_size = args.batch, args.prior_batch
-  config.train.optimizer = args.optimizer or config.train.optimizer
-  config.stages = "+".join(STAGE_OF.get(args.model, ("base",)))
-  config.lora.rank, config.lora.targets = args.lora, args.lora_targets
-  if args.lora_base_dtype is not None:
-    config.lora.base_dtype = args.lora_base_dtype
-  return config
-
-
-def mesh_shape(layout: str) -> dict:
-  if layout == "fsdp":
-    return {"data": 1, "fsdp": -1, "tensor": 1}
-  if layout == "data":
-    return {"data": -1, "fsdp": 1, "tensor": 1}
-  out = {}
-  for part in layout.split(","):
-    k, v = part.split("=")
-    out[k.strip()] = int(v)
-  return out
-
-
-def tiny_unet_config(name: str, width: int) -> unet_lib.UNetConfig:
-  """IF-I / IF-II features (added-KV attention, text pooling, scale-shift, SR class embedding)
-  in one 32-channel level: the smallest graph that still has them, so the test compiles fast."""
-  d = dict(in_channels=3, out_channels=6, block_out_channels=[32], layers_per_block=1,
-           down_block_types=["SimpleCrossAttnDownBlock2D"],
-           up_block_types=["SimpleCrossAttnUpBlock2D"], attention_head_dim=16,
-           cross_attention_dim=32, encoder_hid_dim=width, addition_embed_type="text",
-           addition_embed_type_num_heads=2, act_fn="gelu", norm_num_groups=4,
-           resnet_time_scale_shift="scale_shift", cross_attention_norm="group_norm")
-  if name != "base":
-    d.update(in_channels=6, class_embed_type="timestep", resnet_skip_time_act=True)
-  return unet_lib.UNetConfig.from_diffusers(d, source=f"plan tiny {name}")
-
-
-def unet_config(args, config, name: str) -> unet_lib.UNetConfig:
-  if args.tiny:
-    return tiny_unet_config(name, config.tiny.t5_d_model)
-  file = {"base": "if_i_xl_unet.json", "sr256": "if_ii_l_unet.json"}[name]
-  with open(reference_configs_dir(args) / file) as f:
-    d = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
-  return unet_lib.UNetConfig.from_diffusers(d, source=file)
-
-
-def abstract_stage(args, config, name: str) -> cascade_lib.Stage:
-  """The stage `pipeline.build` makes (`pipeline.stage`), nothing allocated."""
-  return pipeline.stage(config, name, unet_config(args, config, name),
-                        scheduler=pipeline.SCHEDULERS[name], lowres_from=None if name == "base" else "base")
-
-
-def t5_config(args, config) -> t5_lib.T5Config:
-  if args.tiny:
-    tok = pipeline.make_tokenizer(config)
-    return pipeline.tiny_t5_config(config, tok)
-  return reference_configs_dir(args) / "t5_v1_1_xxl.json"
-
-
-def text_width(args, config) -> int:
-  cfg = t5_config(args, config)
-  if isinstance(cfg, t5_lib.T5Config):
-    return cfg.d_model
-  with open(cfg) as f:
-    return int(json.load(f)["d_model"])
-
-
-def with_sharding(tree, shardings):
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)
-
-
-# ----------------------------------------------------------------------------
-# The three programs, lowered on abstract arguments
-# ----------------------------------------------------------------------------
-
-def lower_train(args, config, mesh, rules):
-  """The trainer's jitted step on the trainer's abstract state and batch layout
-  (`state.setup`, `state.batch_layout`: the functions `train.run` uses)."""
-  width = text_width(args, config)
-  stages = lora.wrap(config, {n: abstract_stage(args, config, n) for n in STAGE_OF[args.model]})
-  ps = state_lib.setup(config, stages, methods.phases(config)[0], mesh, rules, num_tokens=0,
-                       token_width=width)
-  # LoRA: the frozen UNets are the step's third argument, as `train.run` passes them.
-  frozen = {n: s.stage.abstract_params for n, s in stages.items() if isinstance(s, lora.LoRAStage)}
-  frozen_sh = {n: sharding.param_shardings(p, mesh, rules) for n, p in frozen.items()}
-  t = config.train
-  batch, batch_sh = state_lib.batch_layout(
-      mesh, {n: s.settings.resolution for n, s in stages.items()}, batch_size=t.batch_size,
-      prior_batch_size=t.prior_batch_size, grad_accum=t.grad_accum, text_width=width)
-  step = jax.jit(methods.make_train_step(stages, ps.tx, config.prior.weight),
-                 in_shardings=(ps.shardings, batch_sh, frozen_sh), out_shardings=(ps.shardings, None),
-                 donate_argnums=(0,))
-  state = state_lib.with_shardings(ps.abstract, ps.shardings)
-  split = state_lib.batch_split(mesh, t.batch_size, t.prior_batch_size)
-  how = f"LoRA r={config.lora.rank}" if frozen else "train"
-  desc = (f"{'+'.join(stages)} {how} {t.batch_size}+{t.prior_batch_size} img "
-          f"({'batch split' if split else 'batch replicated'})")
-  lowered = step.lower(state, with_sharding(batch, batch_sh), with_sharding(frozen, frozen_sh))
-  return lowered, state["params"], desc
-
-
-def lower_encode(args, config, mesh, rules):
-  """`embeddings.encode_batch` on T5 with sharded params, as `encode_prompts` places them."""
-  dtype = jnp.dtype(config.model.t5_dtype)
-  t5 = (nnx.eval_shape(lambda: t5_lib.T5EncoderModel(t5_config(args, config), dtype=dtype,
-                                                     param_dtype=dtype, rngs=nnx.Rngs(0)))
-        if args.tiny else abstract_t5_encoder(t5_config(args, config), dtype))
-  graphdef, params = nnx.split(t5)
-  params = with_sharding(params, sharding.param_shardings(params, mesh, rules))
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  b = -(-args.encode_batch // shards) * shards
-  batch_sh = sharding.batch_sharding(mesh, (b, TEXT_LEN))
-  ids = jax.ShapeDtypeStruct((b, TEXT_LEN), jnp.int32, sharding=batch_sh)
-  lowered = embeddings.encode_batch.lower(params, None, ids, ids, graphdef=graphdef, mesh=mesh)
-  return lowered, params, f"t5 encode {b}x{TEXT_LEN} ({config.model.t5_dtype})"
-
-
-def lower_sample(args, config, mesh, rules):
-  """One guided denoising call per stage, on the class-prior sampling batch."""
-  width = text_width(args, config)
-  b = args.sample_batch or config.prior.batch_size
-  batch_sh = lambda ndim: sharding.batch_sharding(mesh, (b,) + (1,) * (ndim - 1))
-  stages = {n: abstract_stage(args, config, n) for n in STAGE_OF[args.model]}
-  params = {n: with_sharding(s.params, sharding.param_shardings(s.params, mesh, rules))
-            for n, s in stages.items()}
-  inputs = {}
-  for name, s in stages.items():
-    r = s.settings.resolution
-    prompt = {"text": jax.ShapeDtypeStruct((b, TEXT_LEN, width), jnp.float32,
-                                           sharding=batch_sh(3)),
-              "mask": jax.ShapeDtypeStruct((b, TEXT_LEN), jnp.int32, sharding=batch_sh(2))}
-    if s.is_sr:  # the low-res image and its augmentation level ride in the conditioning
-      prompt["lowres"] = jax.ShapeDtypeStruct((b, r, r, s.channels), jnp.float32,
-                                              sharding=batch_sh(4))
-      prompt["aug"] = jax.ShapeDtypeStruct((b,), jnp.float32, sharding=batch_sh(1))
-    inputs[name] = dict(x=jax.ShapeDtypeStruct((b, r, r, s.channels), jnp.float32,
-                                               sharding=batch_sh(4)),
-                        cond=prompt, uncond=prompt)
-
-  def guided(params, inputs, t):
-    return {n: samplers.guided_output(lambda x, tt, c: s.apply(params[n], x, tt, c),
-                                      inputs[n]["x"], t, inputs[n]["cond"], inputs[n]["uncond"],
-                                      s.settings.guidance_scale)
-            for n, s in stages.items()}
-
-  lowered = jax.jit(guided).lower(params, inputs, jax.ShapeDtypeStruct((), jnp.float32))
-  return lowered, params, f"{'+'.join(stages)} sample step CFG {b}x2 img"
-
-
-# ----------------------------------------------------------------------------
-# Numbers from the compiled object
-# ----------------------------------------------------------------------------
-
-def _cost(obj) -> dict:
-  cost = obj.cost_analysis()
-  if isinstance(cost, (list, tuple)):  # older jax: one dict per partition/program
-    cost = cost[0] if cost else {}
-  return dict(cost or {})
-
-
-def shard_bytes(x, sh) -> int:
-  """Bytes of one device's shard of `x` under sharding `sh`."""
-  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-    return 8 * math.prod(x.shape)  # a threefry key is two uint32
-  return math.prod(sh.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
-
-
-def param_bytes_per_device(params, compiled, argnum: int = 0, key=None) -> int:
-  """Parameter bytes on one device, from the compiled program's input shardings."""
-  in_sh = compiled.input_shardings[0][argnum]
-  if key is not None:
-    in_sh = in_sh[key]
-  return sum(shard_bytes(x, s) for x, s in zip(jax.tree.leaves(params), jax.tree.leaves(in_sh)))
-
-
-_COLLECTIVE = re.compile(r"= ([a-z0-9]+)\[([0-9,]*)\][^ ]* (all-reduce|reduce-scatter)(-start)?\(")
-
-
-def largest_reduction(hlo_text: str) -> int:
-  """Elements of the largest all-reduce / reduce-scatter result in a compiled module.
-
-  With FSDP done right these are gradient reductions, no larger than a parameter;
-  an activation-sized one (an attention score matrix, say) means the partitioner
-  split a contraction over the weights' axis instead of gathering the weights.
-  """
-  return max((math.prod(int(d) for d in m.group(2).split(",") if d)
-              for m in _COLLECTIVE.finditer(hlo_text)), default=0)
-
-
-def analyse(kind, lowered, params, desc, args, mesh, config) -> dict:
-  t0 = time.perf_counter()
-  compiled = lowered.compile()
-  compile_s = time.perf_counter() - t0
-  mem = compiled.memory_analysis()
-  n_dev = mesh.devices.size
-  flops_dev = float(_cost(compiled).get("flops", 0.0))
-  flops_global = float(_cost(lowered).get("flops", 0.0))
-  key = "params" if kind == "train" else None
-  p_bytes = param_bytes_per_device(params, compiled, key=key)
-  # The whole first argument (train: the state; others: the params), from its shardings.
-  first = [a._aval for a in jax.tree.leaves(lowered.args_info[0][0])]
-  arg0_bytes = sum(shard_bytes(a, sh) for a, sh in zip(first, jax.tree.leaves(compiled.input_shardings[0][0])))
-  peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-          + mem.temp_size_in_bytes)
-  step_s = flops_dev / (args.mfu * PEAK_FLOPS)
-  m = config.model
-  row = dict(
-      what=kind, desc=desc, mesh=args.mesh if not args.tiny else f"{n_dev} cpu",
-      mesh_shape=dict(mesh.shape), devices=n_dev,
-      param_dtype=m.param_dtype if kind != "encode" else m.t5_dtype,
-      dtype=m.dtype if kind != "encode" else m.t5_dtype, remat=bool(m.remat) and kind == "train",
-      params=int(sum(math.prod(x.shape) for x in jax.tree.leaves(params))),
-      param_bytes_per_device=int(p_bytes), state_bytes_per_device=int(arg0_bytes),
-      argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
-      alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
-      peak_bytes_per_device=int(peak), fits=bool(peak < HBM_GIB * GIB), hbm_gib=HBM_GIB,
-      lora_rank=int(config.lora.rank),
-      flops_per_device=flops_dev, flops_unpartitioned=flops_global,
-      flops_per_step_total=flops_dev * n_dev, mfu=args.mfu, step_s=step_s,
-      run_s=step_s * args.steps, run_steps=args.steps, compile_s=compile_s,
-      largest_reduction=largest_reduction(compiled.as_text()),
-      largest_param=max(math.prod(x.shape) for x in jax.tree.leaves(params)))
-  dump = os.environ.get("DREAMBOOTH_XLA_DUMP")
-  if kind == "train" and dump:
-    row.update(_weight_copies(lowered, dump))
-  if kind == "sample" and len(STAGE_OF[args.model]) == 1:
-    # A whole prior set: batch calls x this stage's denoising steps. (With --model=both
-    # one call runs both UNets, but the stages take different numbers of steps.)
-    b = args.sample_batch or config.prior.batch_size
-    steps = config.cascade[STAGE_OF[args.model][0]].num_steps
-    row["prior_set_s"] = step_s * steps * math.ceil(config.prior.num_images / b)
-  return row
-
-
-def _weight_copies(lowered, dump: str) -> dict:
-  """The temp bytes XLA:CPU spends on float32 copies of the step's bf16 arguments (the
-  frozen UNets), from its buffer report; the dump (~100 MB of IR) is removed after."""
-  import shutil
-  import xla_memory_report
-  path = xla_memory_report.latest_report(dump)
-  if path is None:
-    raise SystemExit(f"--xla_report: XLA wrote no buffer report into {dump}")
-  shapes = [a._aval.shape for a in jax.tree.leaves(lowered.args_info)
-            if a._aval.dtype == jnp.bfloat16]
-  with open(path) as f:
-    copies = xla_memory_report.weight_copies(f.read(), shapes)
-  shutil.rmtree(dump, ignore_errors=True)
-  os.makedirs(dump)
-  return dict(temp_weight_copy_bytes=copies.bytes, temp_weight_copy_same_layout=copies.same_layout_bytes,
-              temp_weight_copy_swapped=copies.swapped_bytes, temp_weight_copy_allocations=copies.allocations)
-
-
-def format_row(r: dict) -> str:
-  gib = lambda b: f"{b / GIB:7.2f}"
-  extra = (f"; {r['run_steps']} steps {r['run_s'] / 60:.1f} min" if r["what"] == "train" else
-           f"; prior set {r['prior_set_s'] / 60:.1f} min" if "prior_set_s" in r else "")
-  return (f"{r['desc']:<52} {r['mesh']:>6} {str(r['mesh_shape']):<36} "
-          f"p={r['param_dtype'][:4]} c={r['dtype'][:4]} remat={'y' if r['remat'] else 'n'} | "
-          f"{r['params'] / 1e9:6.3f}B params {gib(r['param_bytes_per_device'])} GiB/dev | "
-          f"peak {gib(r['peak_bytes_per_device'])} GiB/dev "
-          f"(arg {r['argument_bytes'] / GIB:.2f} temp {r['temp_bytes'] / GIB:.2f}) "
-          f"{'FITS' if r['fits'] else 'DOES NOT FIT'} {r['hbm_gib']:.0f} GiB | "
-          + (f"f32 copies of bf16 weights in temp {r['temp_weight_copy_bytes'] / GIB:.2f} GiB "
-             f"({r['temp_weight_copy_same_layout'] / GIB:.2f} as laid out, "
-             f"{r['temp_weight_copy_swapped'] / GIB:.2f} transposed): peak without them "
-             f"{(r['peak_bytes_per_device'] - r['temp_weight_copy_bytes']) / GIB:.2f} GiB | "
-             if "temp_weight_copy_bytes" in r else "") +
-          f"{r['flops_per_device'] / 1e12:8.2f} TFLOP/dev/step "
-          f"({r['flops_unpartitioned'] / 1e12:.2f} unpartitioned) | "
-          f"{r['step_s'] * 1e3:8.1f} ms/step @ {r['mfu']:.0%} MFU{extra} | "
-          f"compile {r['compile_s']:.0f} s")
-
-
-LOWER = dict(train=lower_train, encode=lower_encode, sample=lower_sample)
-
-
-def lower(kind: str, args, config, mesh, rules):
-  """(lowered, params, description) of `kind`, traced as the TPU program would be."""
-  return as_on_tpu(mesh, lambda: LOWER[kind](args, config, mesh, rules))
-
-
-def as_on_tpu(mesh, lower_fn):
-  """`lower_fn()` traced as the TPU program would be."""
-  # Attention as a TPU runs it: the CPU backend's query chunking (a lax.map whose
-  # backward keeps every chunk's probabilities) is not part of the TPU program.
-  unet_lib.CHUNK_QUERIES = False
-  try:
-    with jax.set_mesh(mesh):  # as the trainer traces: UNets pin activations' batch axis
-      return lower_fn()
-  finally:
-    unet_lib.CHUNK_QUERIES = None
-
-
-def resident_bytes(state, mesh, rules) -> int:
-  """Per-device bytes of an (abstract) param tree placed as the loaders place it: each
-  tensor in the sharding its logical axes give (`sharding.placer`)."""
-  shardings = sharding.param_shardings(state, mesh, rules)
-  return sum(shard_bytes(x, s) for x, s in zip(jax.tree.leaves(state), jax.tree.leaves(shardings)))
 
 
 def run_phases(args, config, mesh, rules, compiled: dict) -> list[dict]:
@@ -535,9 +203,9 @@ def run_phases(args, config, mesh, rules, compiled: dict) -> list[dict]:
   return rows
 
 
-def format_phase(r: dict) -> str:
-  fits = "fits" if r["peak"] < HBM_GIB * GIB else "DOES NOT FIT"
-  return (f"  {r['phase']:<10} peak {r['peak'] / GIB:7.2f} GiB/dev ({fits} {HBM_GIB:.0f} GiB)"
+def format_phase(r: dict, hbm_gib: float) -> str:
+  fits = "fits" if r["peak"] < hbm_gib * GIB else "DOES NOT FIT"
+  return (f"  {r['phase']:<10} peak {r['peak'] / GIB:7.2f} GiB/dev ({fits} {hbm_gib:.0f} GiB)"
           f"  host {r['host'] / GIB:7.2f} GiB  {r['note']}")
 
 
@@ -576,15 +244,15 @@ def plan_cascade(args, mesh) -> list[dict]:
       row.update(param_dtype="float32", dtype="float32")
       full, _, _ = as_on_tpu(mesh, lambda: plan_sampler.lower_vae_decode(parts, mesh, rules, b,
                                                                          chunked=False))
-      row["flops_full_per_device"] = float(_cost(full).get("flops", 0.0)) / mesh.devices.size
+      row["flops_full_per_device"] = float(cost(full).get("flops", 0.0)) / mesh.devices.size
     print(format_row(row), flush=True)
     rows[key] = row
   steps = {n: config.cascade[n].num_steps for n in ("base", "sr256", "sr1024")}
-  phases, totals = plan_sampler.sampler_phases(rows, steps, b, HBM_GIB * GIB,
+  phases, totals = plan_sampler.sampler_phases(rows, steps, b, args.hbm_gib * GIB,
                                                side=config.cascade.sr1024.resolution)
   print(f"# the three-stage sampler, {b} images per call, phase by phase (per device; time at "
         f"{args.mfu:.0%} MFU; s/image = the slice's seconds per image):", flush=True)
-  for line in plan_sampler.format_phases(phases, totals, HBM_GIB):
+  for line in plan_sampler.format_phases(phases, totals, args.hbm_gib):
     print(line, flush=True)
   return (list(rows.values()) + [dict(what="cascade_phase", **p) for p in phases]
           + [dict(what="cascade_total", **totals)])
@@ -610,7 +278,7 @@ def plan(args) -> list[dict]:
   if args.phases and set(args.what) - {"cascade"}:
     print("# the whole run, phase by phase (per device):", flush=True)
     for r in run_phases(args, config, mesh, rules, {r["what"]: r for r in rows}):
-      print(format_phase(r), flush=True)
+      print(format_phase(r, args.hbm_gib), flush=True)
       rows.append(dict(what="phase", **r))
   return rows
 
@@ -620,7 +288,8 @@ def main(argv=None) -> list[dict]:
   if len(jax.devices()) < args.devices:
     raise SystemExit(f"need {args.devices} devices, have {len(jax.devices())}: run as a script "
                      "(it sets --xla_force_host_platform_device_count) or set XLA_FLAGS")
-  print(f"# {args.mesh} plan: {args.devices} devices of {HBM_GIB:.0f} GiB, {PEAK_FLOPS / 1e12:.0f} "
+  print(f"# {args.mesh} plan: {args.devices} devices of {args.hbm_gib:.0f} GiB, "
+        f"{args.peak_flops / 1e12:.0f} "
         f"TFLOP/s bf16 each; "
         f"memory and FLOPs per device (XLA:CPU SPMD, partitioned module); time at "
         f"{args.mfu:.0%} MFU", flush=True)
