@@ -1,4 +1,4 @@
-"""Numbers from a compiled program, for `plan_tpu.py`.
+"""Numbers from a compiled program, for `plan_tpu.py` and `plan_many.py`.
 
 Reported numbers come from the compiled object:
   * param bytes / device: each parameter's shard shape under `compiled.input_shardings`;

@@ -6,6 +6,7 @@ r"""TPUv4 memory and time plan for full-size IF fine-tuning, from CPU ahead-of-t
   python experiments/plan_tpu.py --model=t5 --what=encode          # T5-XXL embedding pass
   python experiments/plan_tpu.py --model=if-i-xl --what=sample     # one guided prior-sampling step
   python experiments/plan_tpu.py --what=cascade     # the 3-stage sampler to 1024 px, per image
+  python experiments/plan_tpu.py --what=many        # 30 subjects in one job, the benchmark's hour
   python experiments/plan_tpu.py --tiny --json=/tmp/plan.json      # tiny models, 4 devices (test)
   python experiments/plan_tpu.py --model=if-i-xl --topology=v5e-1 --lora=16 --xla_report
                                    # ... and how much of temp is XLA:CPU's f32 weight copies
@@ -26,7 +27,11 @@ What is compiled (`--what`; the programs are plan_programs.py's, their numbers p
   cascade the three-stage sampler to 1024 px (IF-I-XL, IF-II-L, then the SD x4 upscaler with
           its CLIP text encoder and VAE decode; `plan_sampler.py`): every program it runs,
           per-device peak of each phase with the weights resident by then, and time per
-          1024 px image (`--model` does not apply).
+          1024 px image (`--model` does not apply);
+  many    the many-subject job (`train_many`, configs/dreambooth_benchmark.py; `plan_many.py`):
+          T5, class-prior and in-loop evaluation sampling loops, the joint step of every
+          subject, memory per phase, and the whole benchmark's time against --goal_minutes
+          (its own config: --benchmark, --set; `--model`, `--lora`, the batch flags do not apply).
 
 Peak / device = argument + output - alias + temp bytes of `compiled.memory_analysis()` and
 FLOPs per device from `compiled.cost_analysis()` (the SPMD-partitioned module is one
@@ -71,7 +76,8 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--model", choices=MODELS, default="both",
                  help="if-i-xl (base, 64 px), if-ii-l (sr256, 256 px), both (tuned together), t5")
-  p.add_argument("--what", default="train", help="comma list of train, encode, sample, cascade")
+  p.add_argument("--what", default="train", help="comma list of train, encode, sample, cascade, "
+                 "many")
   p.add_argument("--topology", "--mesh", dest="mesh", choices=tuple(TOPOLOGIES), default="v4-8",
                  help="devices, memory and peak FLOP/s: " + ", ".join(TOPOLOGIES))
   p.add_argument("--lora", type=int, default=0,
@@ -113,9 +119,22 @@ def parse_args(argv=None):
   p.add_argument("--phases", action=argparse.BooleanOptionalAction, default=True,
                  help="also print every phase of a run (load, encode, sample, train, "
                       "checkpoint, export); --what=train,encode,sample gives all of them")
+  many = p.add_argument_group("--what=many (plan_many.py): the many-subject job, the benchmark's time")
+  many.add_argument("--benchmark", default=None, help="configs/dreambooth_benchmark.py's argument "
+                    "(default: if; --tiny: tiny), e.g. 'if,subjects=dog+cat2'")
+  many.add_argument("--dataset", default=None, help="the DreamBooth dataset folder (default "
+                    "../shared/dreambooth_dataset)")
+  many.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="a config change, e.g. --set=prior.num_images=100 (repeatable)")
+  many.add_argument("--jobs", type=int, default=1, help="the benchmark's subjects as this many "
+                    "jobs of as many subjects each (`subjects=`; it must divide them)")
+  many.add_argument("--pad_subjects", type=int, default=0, help="train this many more subject "
+                    "slots (copies), so the subject axis divides the data axes")
+  many.add_argument("--goal_minutes", type=float, default=60.0,
+                    help="the benchmark (training + evaluation) must take less")
   args = p.parse_args(argv)
   args.what = tuple(w.strip() for w in args.what.split(",") if w.strip())
-  bad = set(args.what) - {"train", "encode", "sample", "cascade"}
+  bad = set(args.what) - {"train", "encode", "sample", "cascade", "many"}
   if bad:
     p.error(f"--what: unknown {sorted(bad)}")
   if args.model == "t5":
@@ -148,11 +167,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 # This folder's modules (sys.path[0] is the script's): the programs, their numbers, and the
-# plan of the three-stage sampler.
+# plans of the three-stage sampler and of the many-subject job.
 from plan_programs import (LOWER, STAGE_OF, as_on_tpu, abstract_stage, imagen_dog, lower,  # noqa: E402
                            make_config, mesh_shape, reference_configs_dir)
 from plan_compiled import GIB, analyse, cost, format_row, resident_bytes  # noqa: E402
 from dreambooth_jax import lora, pipeline, sharding  # noqa: E402
+import plan_many  # noqa: E402
 import plan_sampler  # noqa: E402  (this folder's: sys.path[0] is the script's)
 
 
@@ -265,8 +285,8 @@ def plan(args) -> list[dict]:
   rules = pipeline.rules_of(config)
   rows = []
   for kind in args.what:
-    if kind == "cascade":
-      rows += plan_cascade(args, mesh)
+    if kind in ("cascade", "many"):
+      rows += plan_cascade(args, mesh) if kind == "cascade" else plan_many.plan_many(args)
       continue
     t0 = time.perf_counter()
     lowered, params, desc = lower(kind, args, config, mesh, rules)
@@ -275,7 +295,7 @@ def plan(args) -> list[dict]:
     row["lower_s"] = lower_s
     rows.append(row)
     print(format_row(row), flush=True)
-  if args.phases and set(args.what) - {"cascade"}:
+  if args.phases and set(args.what) - {"cascade", "many"}:
     print("# the whole run, phase by phase (per device):", flush=True)
     for r in run_phases(args, config, mesh, rules, {r["what"]: r for r in rows}):
       print(format_phase(r, args.hbm_gib), flush=True)

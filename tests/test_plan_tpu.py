@@ -151,3 +151,78 @@ def test_three_stage_sampler_plan_sums_its_phases(reference_configs_dir):
   assert totals["per_image_s"] == pytest.approx(latency / 4)
   assert totals["peak_phase"] == "sr1024 VAE decode" and not totals["fits"]
   assert any("DOES NOT FIT" in line for line in plan_sampler.format_phases(phases, totals, 25))
+
+
+def test_many_subject_benchmark_time_adds_up_the_jobs_programs():
+  """`--what=many`'s arithmetic without compiling: the job's subjects and class prompts
+  come from its config, evaluations fall where `in_loop.JobEvaluation.due` puts them, and
+  each phase is its program's seconds times how often the job runs it."""
+  import plan_many
+  from configs import dreambooth_benchmark
+  config = dreambooth_benchmark.get_config("tiny")  # the world's subjects, no dataset needed
+  config.train.steps, config.eval.every, config.eval.at_start = 1000, 200, True
+  config.eval.update(num_prompts=4, num_images=4, num_class_images=0, batch_size=16, num_steps=25)
+  config.prior.update(num_images=1000, batch_size=16)
+  job = plan_many.job_of(config)
+  assert job.names == sorted(config.subjects) and job.tuned == ("base", "sr256")
+  assert len(job.class_prompts) == len({s.class_noun for s in config.subjects.values()})
+  assert job.bench_images == {n: 100 for n in job.names}  # 25 prompts x 4 images
+  assert plan_many.evaluation_steps(config) == [0, 200, 400, 600, 800, 1000]
+  rows = {"encode": dict(step_s=0.01), "train": dict(step_s=2.0),
+          "priors base": dict(step_s=0.2), "priors sr256": dict(step_s=0.25),
+          "eval base": dict(step_s=0.21), "eval sr256": dict(step_s=0.26)}
+  bench = {r["phase"]: r for r in plan_many.benchmark_rows(config, [job], rows, encode_batch=8,
+                                                           data_parallel=4)}
+  steps = {n: config.cascade[n].num_steps for n in job.tuned}
+  s, c = len(job.names), len(job.class_prompts)
+  assert bench["class priors"]["runs"] == c * 63  # 1000 priors in calls of 16
+  assert bench["class priors"]["each_s"] == pytest.approx(steps["base"] * 0.2 + steps["sr256"] * 0.25)
+  assert bench["training"]["seconds"] == pytest.approx(2000.0)
+  assert bench["in-loop evaluation"]["runs"] == 6 * s  # 16 images: one call a subject
+  assert bench["benchmark evaluation"]["runs"] == 7 * s  # 100 images in calls of 16
+  assert bench["benchmark evaluation"]["each_s"] == pytest.approx(25 * (0.21 + 0.26))
+  verdict = plan_many.goal(list(bench.values()), minutes=60)
+  total = sum(r["seconds"] for r in bench.values())
+  assert verdict["total_s"] == pytest.approx(total) and verdict["meets"] == (total < 3600)
+  assert verdict["margin_s"] == pytest.approx(3600 - total)
+  assert verdict["dominant"] == max(bench.values(), key=lambda r: r["seconds"])["phase"]
+  halves = [plan_many.job_of(c) for c in plan_many.job_configs(config, 2)]  # 2 jobs of 3
+  assert [h.names for h in halves] == [job.names[:3], job.names[3:]]
+  two = {r["phase"]: r for r in plan_many.benchmark_rows(config, halves, rows, encode_batch=8,
+                                                         data_parallel=4)}
+  assert two["training"]["runs"] == 2000  # each job's steps, each step of half the subjects
+  assert two["class priors"]["runs"] == sum(len(h.class_prompts) for h in halves) * 63
+  assert two["benchmark evaluation"]["runs"] == bench["benchmark evaluation"]["runs"]
+  config.eval.every = 0  # no in-loop evaluation: only the benchmark's
+  assert plan_many.evaluation_steps(config) == []
+  assert {r["phase"]: r["runs"] for r in plan_many.benchmark_rows(
+      config, [job], rows, encode_batch=8, data_parallel=4)}["in-loop evaluation"] == 0
+  plan_many.override(config, "prior.num_images=100")
+  plan_many.override(config, "model.remat=false")
+  assert config.prior.num_images == 100 and config.model.remat is False
+
+
+def test_many_subject_plan_lowers_the_jobs_step_and_sampling_loops():
+  """What `--what=many` compiles, lowered only (compiling is the full plan's work): the joint
+  step `train_many` jits, on 6 subjects + 2 padding slots, whose subject axis then splits
+  over the 4 devices, and the sampling loops of the class priors (frozen UNet) and of the
+  in-loop evaluation (a subject's adapters bound to it) with remat on, as the `if` config
+  samples: the priors' loop once refused its params there (nnx.remat, another trace)."""
+  import plan_many
+  args = plan_tpu.parse_args(["--tiny", "--what=many", "--set=model.remat=true",
+                              "--set=stages=base", "--pad_subjects=2"])
+  config = plan_many.benchmark_config(args)
+  slots = plan_many.padded(config, args.pad_subjects)
+  job = plan_many.job_of(slots)
+  assert len(job.names) == len(config.subjects) + 2 and job.tuned == ("base",)
+  mesh = sharding.make_mesh(dict(config.mesh), devices=jax.devices()[:args.devices])
+  rules = plan_tpu.pipeline.rules_of(config)
+  _, params, desc = plan_tpu.as_on_tpu(
+      mesh, lambda: plan_many.lower_joint_step(args, slots, mesh, rules, job))
+  assert f"x {len(job.names)} subjects" in desc and "subjects split" in desc
+  assert all(x.shape[0] == len(job.names) for x in jax.tree.leaves(params))  # a subject axis
+  for adapters in (False, True):
+    lowered, _, desc, steps = plan_tpu.as_on_tpu(mesh, lambda: plan_many.lower_stage_sample(
+        args, config, mesh, rules, "base", batch=4, adapters=adapters, sampler="dpmpp_2m",
+        num_steps=3))
+    assert steps == 3 and ("LoRA r=4" in desc) == adapters and "while" in lowered.as_text()
