@@ -177,13 +177,15 @@ def lower_stage_sample(args, config, mesh, rules, name: str, *, batch: int, adap
   stage = abstract_stage(args, config, name)
   width = text_width(args, config)
   batch_sh = lambda shape: sharding.batch_sharding(mesh, shape)
-  spec = lambda shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh(shape))
+  spec = lambda shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype,
+                                                                sharding=batch_sh(shape))
   frozen = stage.abstract_params
   params = with_sharding(frozen, sharding.param_shardings(frozen, mesh, rules))
   how = "frozen"
   if adapters:
     lone = lora.LoRAStage(stage, lora.settings(config))
-    own = with_sharding(lone.abstract_params, sharding.param_shardings(lone.abstract_params, mesh, rules))
+    own = lone.abstract_params
+    own = with_sharding(own, sharding.param_shardings(own, mesh, rules))
     params, how = lone.bind(params, own), f"+ LoRA r={config.lora.rank}"
   cond = {"text": spec((batch, TEXT_LEN, width)), "mask": spec((batch, TEXT_LEN), jnp.int32)}
   r = stage.lowres_resolution

@@ -119,7 +119,8 @@ def parse_args(argv=None):
   p.add_argument("--phases", action=argparse.BooleanOptionalAction, default=True,
                  help="also print every phase of a run (load, encode, sample, train, "
                       "checkpoint, export); --what=train,encode,sample gives all of them")
-  many = p.add_argument_group("--what=many (plan_many.py): the many-subject job, the benchmark's time")
+  many = p.add_argument_group("--what=many (plan_many.py): the many-subject job and the "
+                              "benchmark's time")
   many.add_argument("--benchmark", default=None, help="configs/dreambooth_benchmark.py's argument "
                     "(default: if; --tiny: tiny), e.g. 'if,subjects=dog+cat2'")
   many.add_argument("--dataset", default=None, help="the DreamBooth dataset folder (default "
@@ -168,8 +169,8 @@ import jax.numpy as jnp  # noqa: E402
 
 # This folder's modules (sys.path[0] is the script's): the programs, their numbers, and the
 # plans of the three-stage sampler and of the many-subject job.
-from plan_programs import (LOWER, STAGE_OF, as_on_tpu, abstract_stage, imagen_dog, lower,  # noqa: E402
-                           make_config, mesh_shape, reference_configs_dir)
+from plan_programs import (LOWER, STAGE_OF, as_on_tpu, abstract_stage,  # noqa: E402
+                           imagen_dog, lower, make_config, mesh_shape, reference_configs_dir)
 from plan_compiled import GIB, analyse, cost, format_row, resident_bytes  # noqa: E402
 from dreambooth_jax import lora, pipeline, sharding  # noqa: E402
 import plan_many  # noqa: E402

@@ -176,7 +176,8 @@ def test_many_subject_benchmark_time_adds_up_the_jobs_programs():
   steps = {n: config.cascade[n].num_steps for n in job.tuned}
   s, c = len(job.names), len(job.class_prompts)
   assert bench["class priors"]["runs"] == c * 63  # 1000 priors in calls of 16
-  assert bench["class priors"]["each_s"] == pytest.approx(steps["base"] * 0.2 + steps["sr256"] * 0.25)
+  assert bench["class priors"]["each_s"] == pytest.approx(steps["base"] * 0.2 +
+                                                          steps["sr256"] * 0.25)
   assert bench["training"]["seconds"] == pytest.approx(2000.0)
   assert bench["in-loop evaluation"]["runs"] == 6 * s  # 16 images: one call a subject
   assert bench["benchmark evaluation"]["runs"] == 7 * s  # 100 images in calls of 16
