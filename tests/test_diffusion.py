@@ -163,21 +163,26 @@ def test_loss_learned_variance_uses_epsilon_half_only():
     diffusion.loss(junk(1.0), sched, x0, rng, None, **kw)
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
-def test_min_snr_weighting_matches_hand_computation(prediction_type):
+def _weighted_loss(seed, t, **kw):
+  """diffusion.loss of the model 0.5 * x_t on fixed draws at timesteps `t`, and those draws
+  in float64 for a hand computation: (per-example loss, metrics, alphas_cumprod, x0, noise)."""
   sched = diffusion.DiscreteSchedule()
-  rs = np.random.RandomState(3)
+  rs = np.random.RandomState(seed)
   x0 = jnp.asarray(rs.uniform(-1, 1, (5, 4, 4, 3)), jnp.float32)
   noise = jnp.asarray(rs.randn(5, 4, 4, 3), jnp.float32)
-  t = jnp.array([0, 50, 200, 600, 999], jnp.int32)
-  model = lambda x, tt, c: 0.5 * x
-  got, metrics = diffusion.loss(model, sched, x0, jax.random.key(1), None, t=t, noise=noise,
-                                prediction_type=prediction_type, weighting="min_snr",
-                                min_snr_gamma=5.0)
+  t = jnp.array(t, jnp.int32)
+  got, metrics = diffusion.loss(lambda x, tt, c: 0.5 * x, sched, x0, jax.random.key(1), None,
+                                t=t, noise=noise, **kw)
   ac = sched.alphas_cumprod[np.asarray(t)].astype(np.float64)
+  return got, metrics, ac, np.asarray(x0, np.float64), np.asarray(noise, np.float64)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_min_snr_weighting_matches_hand_computation(prediction_type):
+  got, metrics, ac, x0n, nn = _weighted_loss(3, [0, 50, 200, 600, 999], prediction_type=prediction_type,
+                                             weighting="min_snr", min_snr_gamma=5.0)
   snr = ac / (1 - ac)
   a, s = np.sqrt(ac)[:, None, None, None], np.sqrt(1 - ac)[:, None, None, None]
-  x0n, nn = np.asarray(x0, np.float64), np.asarray(noise, np.float64)
   x_t = a * x0n + s * nn
   tgt = {"epsilon": nn, "sample": x0n, "v_prediction": a * nn - s * x0n}[prediction_type]
   mse = np.mean(np.square(0.5 * x_t - tgt), axis=(1, 2, 3))
@@ -191,17 +196,9 @@ def test_v_weighting_on_epsilon_is_the_v_loss_above_its_floor():
   """weighting='v' on an epsilon model is the MSE of the v that epsilon implies
   (v = (eps - sigma x_t) / alpha), wherever snr >= 1/gamma; below, the weight stops at
   (snr + 1) * gamma instead of growing as 1/snr."""
-  sched, gamma = diffusion.DiscreteSchedule(), 5.0
-  rs = np.random.RandomState(4)
-  x0 = jnp.asarray(rs.uniform(-1, 1, (5, 4, 4, 3)), jnp.float32)
-  noise = jnp.asarray(rs.randn(5, 4, 4, 3), jnp.float32)
-  t = jnp.array([0, 300, 600, 900, 999], jnp.int32)
-  model = lambda x, tt, c: 0.5 * x
-  got, _ = diffusion.loss(model, sched, x0, jax.random.key(1), None, t=t, noise=noise,
-                          weighting="v", min_snr_gamma=gamma)
-  ac = sched.alphas_cumprod[np.asarray(t)].astype(np.float64)
+  gamma = 5.0
+  got, _, ac, x0n, nn = _weighted_loss(4, [0, 300, 600, 900, 999], weighting="v", min_snr_gamma=gamma)
   a, s = np.sqrt(ac)[:, None, None, None], np.sqrt(1 - ac)[:, None, None, None]
-  x0n, nn = np.asarray(x0, np.float64), np.asarray(noise, np.float64)
   x_t = a * x0n + s * nn
   v_mse = np.mean(np.square((0.5 * x_t - s * x_t) / a - (a * nn - s * x0n)), axis=(1, 2, 3))
   eps_mse = np.mean(np.square(0.5 * x_t - nn), axis=(1, 2, 3))
