@@ -9,8 +9,11 @@ A text-to-image cascade of this library's own models, trained as Imagen and IF
 were: a 32 px base UNet and a 32 -> 64 px super-resolution UNet with Imagen's
 noise-conditioning augmentation (the low-res input noised at a random level in
 [0, 0.5], the level given to the UNet as its class label), both conditioned on
-a tiny T5 encoder that stays frozen at its random init (text features need
-only tell captions apart; the UNets learn what they mean). Epsilon loss on
+a tiny T5 encoder. By default T5 stays frozen at its random init, as IF's T5-XXL
+stays frozen: its features tell captions apart and the UNets learn what they mean.
+`--text_lr` trains it with the UNets instead (its own Adam, its own EMA), for a
+UNet whose samples follow their captions more than random features teach it to;
+`--init_from` starts such a run from a frozen-T5 run's checkpoint. Epsilon loss on
 the first half of IF's 6-channel output; captions are dropped 10% of the time
 so classifier-free guidance works; an EMA of the weights, its random start taken
 out (`averaged`), is what is sampled and exported.
@@ -111,6 +114,12 @@ def parse_args(argv=None):
   p.add_argument("--train", default="base+sr", choices=("base+sr", "base", "sr"),
                  help="the UNets this run trains; the other keeps its weights (its EMA settles on them). "
                       "The base decides what the cascade draws and costs most of a step's learning")
+  p.add_argument("--text_lr", type=float, default=0.0,
+                 help="train the tiny T5 with the UNets at this peak learning rate (0: frozen, as IF's). "
+                      "The export then carries the trained encoder")
+  p.add_argument("--init_from", default=None,
+                 help="a workdir of a frozen-T5 run: its latest state starts this one (a new workdir), "
+                      "and the T5 starts from the frozen init that run trained its UNets against")
   p.add_argument("--export", default=None, help="write the IF-layout cascade here at the end")
   p.add_argument("--export_only", action="store_true", help="export the latest checkpoint and stop")
   return p.parse_args(argv)
@@ -160,10 +169,15 @@ def host_batch(args, step: int) -> dict:
 # The step
 # ----------------------------------------------------------------------------
 
-def make_step(stages, tx, ema_decay: float, train=("base", "sr")):
-  def loss_fn(params, batch, rng):
+def make_step(stages, tx, ema_decay: float, train=("base", "sr"), text=None):
+  """The jitted step's function. `text` = (T5 graphdef, its optax transform) trains T5:
+  the batch then holds token ids and the state T5's params, EMA and optimiser state."""
+  def loss_fn(params, batch, rng, t5_params=None):
     r1, r2 = jax.random.split(rng)
     mask = batch.get("mask")  # only with --text_mask
+    if t5_params is not None:  # encoded inside the step, so the loss reaches T5
+      t5 = nnx.merge(text[0], t5_params)
+      batch = dict(batch, text=embeddings.encode_with_learned(t5, None, batch["ids"], batch["attention"]))
     parts = {}
     if "base" in train:
       parts["base"] = stages["base"].loss(params["base"], batch["x32"], batch["text"], mask, r1)[0].mean()
@@ -174,7 +188,16 @@ def make_step(stages, tx, ema_decay: float, train=("base", "sr")):
 
   def step(state, batch):
     rng = jax.random.fold_in(state["rng"], state["step"])
-    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, rng)
+    if text is not None:
+      (loss, parts), (grads, t5_grads) = jax.value_and_grad(loss_fn, argnums=(0, 3), has_aux=True)(
+          state["params"], batch, rng, state["t5"]["params"])
+      t5_updates, t5_opt = text[1].update(t5_grads, state["t5"]["opt_state"], state["t5"]["params"])
+      t5_params = optax.apply_updates(state["t5"]["params"], t5_updates)
+      t5_ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state["t5"]["ema"], t5_params)
+      state = dict(state, t5=dict(params=t5_params, ema=t5_ema, opt_state=t5_opt))
+      parts = dict(parts, t5_grad_norm=optax.tree.norm(t5_grads))
+    else:
+      (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, rng)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     # A stage not trained has zero gradients, but Adam's decaying moments would still move it.
     # Zeroed here rather than optax.masked: the optimiser state keeps one structure, so a
@@ -183,7 +206,7 @@ def make_step(stages, tx, ema_decay: float, train=("base", "sr")):
     params = optax.apply_updates(state["params"], updates)
     ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state["ema"], params)
     return (dict(state, params=params, ema=ema, opt_state=opt_state, step=state["step"] + 1),
-            dict(parts, loss=loss, grad_norm=optax.global_norm(grads)))
+            dict(parts, loss=loss, grad_norm=optax.tree.norm(grads)))
   return step
 
 
@@ -265,28 +288,60 @@ def main(argv=None):
   state = dict(params=params, ema=jax.tree.map(jnp.copy, params), opt_state=tx.init(params),
                step=jnp.int32(0),
                rng=jax.random.key(args.seed))
+  t5_graphdef, t5_params = nnx.split(t5)
+  text = None
+  if args.text_lr > 0:
+    t5_tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
+        optax.warmup_cosine_decay_schedule(0.0, args.text_lr, args.warmup, max(args.steps, args.warmup + 1),
+                                           end_value=args.text_lr * 0.1), weight_decay=0.0))
+    text = (t5_graphdef, t5_tx)
   state = jax.device_put(state, replicated)
   # The EMA's start (the random init), taken out of it on use; a copy, as the state is donated.
   init = jax.tree.map(jnp.copy, state["params"])
+  t5_params = jax.device_put(t5_params, replicated)
   ckpt = checkpoint_lib.Checkpointer(str(workdir), keep=2)
+  if ckpt.latest_step() is None and args.init_from:
+    with checkpoint_lib.Checkpointer(args.init_from, keep=2, async_save=False) as source:
+      if source.latest_step() is None:
+        raise SystemExit(f"--init_from={args.init_from}: no checkpoint in {source.directory}")
+      state = source.restore(source.latest_step(), state)
+    print(f"started from {args.init_from} at step {int(state['step'])}", flush=True)
+  if text is not None:  # T5's own state; its EMA starts at the encoder the UNets were trained with
+    # Copies: the state is donated to the step, and `t5_params` stays the init the EMA leaves out.
+    state["t5"] = dict(params=jax.tree.map(jnp.copy, t5_params), ema=jax.tree.map(jnp.copy, t5_params),
+                       opt_state=jax.device_put(text[1].init(t5_params), replicated))
   if ckpt.latest_step() is not None:
     state = ckpt.restore(ckpt.latest_step(), state)
     print(f"resumed at step {int(state['step'])}", flush=True)
 
-  t5_graphdef, t5_params = nnx.split(t5)
-  t5_params = jax.device_put(t5_params, replicated)
+  def encoder(state):
+    """T5's params for encoding: the frozen init, or the trained encoder's averaged EMA."""
+    if text is None:
+      return t5_params
+    return averaged(dict(state["t5"], step=state["step"]), t5_params, args.ema)
 
-  def encode(captions):
+  def encode(captions, params=None):
     ids = tok(captions)
-    return {"text": embeddings.encode_batch(t5_params, None, ids["input_ids"], ids["attention_mask"],
+    return {"text": embeddings.encode_batch(t5_params if params is None else params, None,
+                                            ids["input_ids"], ids["attention_mask"],
                                             graphdef=t5_graphdef, mesh=None),
             "mask": ids["attention_mask"]}
 
+  def finish(state, export_to=None):
+    """Sample grids and the export from the averaged weights, T5's included."""
+    ema, t5_ema = averaged(state, init, args.ema), encoder(state)
+    if args.sample_every:
+      write_samples(stages, ema, lambda c: encode(c, t5_ema),
+                    workdir / "samples" / f"step_{int(state['step']):06d}.png")
+    if export_to:
+      export(stages, ema, nnx.merge(t5_graphdef, jax.device_get(t5_ema)), pathlib.Path(export_to),
+             args.text_mask)
+
   if args.export_only:
-    export(stages, averaged(state, init, args.ema), t5,
-           pathlib.Path(args.export or workdir / "export"), args.text_mask)
+    args.sample_every = 0
+    finish(state, args.export or workdir / "export")
     return
-  step_fn = jax.jit(make_step(stages, tx, args.ema, tuple(args.train.split("+"))), donate_argnums=(0,))
+  step_fn = jax.jit(make_step(stages, tx, args.ema, tuple(args.train.split("+")), text), donate_argnums=(0,))
   put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh, x.shape))
   pool = concurrent.futures.ThreadPoolExecutor(1)
   start = int(state["step"])
@@ -296,11 +351,16 @@ def main(argv=None):
   for step in range(start, min(args.steps, args.until or args.steps)):
     host = pending.result()
     pending = pool.submit(host_batch, args, step + 1)
-    emb = encode(host["captions"])
-    batch = {"x32": put(host["x32"]), "x64": put(host["x64"]), "aug": put(host["aug"]),
-             "text": put(np.asarray(emb["text"]))}
+    batch = {"x32": put(host["x32"]), "x64": put(host["x64"]), "aug": put(host["aug"])}
+    if text is None:  # the frozen encoder's features, computed outside the step
+      emb = encode(host["captions"])
+      batch["text"], mask = put(np.asarray(emb["text"])), emb["mask"]
+    else:
+      ids = tok(host["captions"])
+      batch["ids"], batch["attention"] = put(ids["input_ids"]), put(ids["attention_mask"])
+      mask = ids["attention_mask"]
     if args.text_mask:
-      batch["mask"] = put(np.asarray(emb["mask"]))
+      batch["mask"] = put(np.asarray(mask))
     with jax.set_mesh(mesh):
       state, metrics = step_fn(state, batch)
     done = step + 1
@@ -308,15 +368,14 @@ def main(argv=None):
       m = {k: float(v) for k, v in jax.device_get(metrics).items()}
       rate = 50 / (time.time() - t_last)
       t_last = time.time()
-      parts = " ".join(f"{k} {m[k]:.4f}" for k in ("base", "sr") if k in m)
+      parts = " ".join(f"{k} {m[k]:.4f}" for k in ("base", "sr", "t5_grad_norm") if k in m)
       print(f"step {done} loss {m['loss']:.4f} ({parts}) {rate:.2f} steps/s", flush=True)
       log.write(json.dumps(dict(step=done, time=time.time() - started, **m)) + "\n")
       log.flush()
     if done % args.ckpt_every == 0:
       ckpt.save(done, state)
     if args.sample_every and done % args.sample_every == 0:
-      write_samples(stages, averaged(state, init, args.ema), encode,
-                    workdir / "samples" / f"step_{done:06d}.png")
+      finish(state)
     if time.time() - started > args.hours * 3600:
       print(f"time budget of {args.hours} h reached at step {done}", flush=True)
       break
@@ -324,11 +383,7 @@ def main(argv=None):
   if ckpt.latest_step() != done:
     ckpt.save(done, state, force=True)
     ckpt.wait()
-  if args.sample_every:
-    write_samples(stages, averaged(state, init, args.ema), encode,
-                  workdir / "samples" / f"step_{done:06d}.png")
-  if args.export:
-    export(stages, averaged(state, init, args.ema), t5, pathlib.Path(args.export), args.text_mask)
+  finish(state, args.export)
   print(f"done: {done} steps in {(time.time() - started) / 60:.1f} min", flush=True)
 
 
