@@ -227,6 +227,17 @@ def rare_token_identifier(tokenizer: Tokenizer, *, num_tokens: int = 1, seed: in
       "Use fewer tokens, another id_range, or give an identifier such as 'sks'.")
 
 
+def from_settings(tokenizer: Tokenizer, identifier: str, *, class_noun: str, template: str,
+                  num_tokens: int, seed: int, id_range: tuple[int, int]) -> Identifier:
+  """config.subject's identifier: the user's word when one is given (the rare-token
+  settings, which every config carries, then do not apply), else rare tokens sampled
+  with them."""
+  if identifier:
+    return resolve_identifier(tokenizer, identifier, class_noun=class_noun, template=template)
+  return resolve_identifier(tokenizer, None, class_noun=class_noun, template=template,
+                            num_tokens=num_tokens, seed=seed, id_range=tuple(id_range))
+
+
 def resolve_identifier(tokenizer: Tokenizer, identifier: Identifier | str | None = None, *,
                        class_noun: str = "dog", template: str = INSTANCE_TEMPLATE,
                        **rare_kwargs) -> Identifier:

@@ -57,9 +57,9 @@ def resolve_identifier(config, tokenizer, workdir) -> identifiers.Identifier:
                                    "learned",
                                    pieces=(config.learned_token.init_word or s.class_noun,))
   else:
-    ident = identifiers.resolve_identifier(
-        tokenizer, s.identifier or None, class_noun=s.class_noun, template=s.instance_template,
-        num_tokens=s.identifier_tokens, seed=config.seed, id_range=tuple(s.identifier_id_range))
+    ident = identifiers.from_settings(
+        tokenizer, s.identifier, class_noun=s.class_noun, template=s.instance_template,
+        num_tokens=s.identifier_tokens, seed=config.seed, id_range=s.identifier_id_range)
   utils.write_text(path, ident.to_json())
   return ident
 

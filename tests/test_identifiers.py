@@ -167,6 +167,24 @@ def test_resolve_samples_when_none(tok):
   assert resolve_identifier(tok, sampled) is sampled
 
 
+def test_a_configs_word_or_its_rare_tokens(tok, tmp_path):
+  """The training path (`prompts.resolve_identifier` on a config, which always carries the
+  rare-token settings): a given word is used as is, stored, and read back on resume;
+  without one, the settings sample rare tokens. A given word once raised a TypeError here."""
+  import ml_collections
+  from dreambooth_jax import prompts
+  config = ml_collections.ConfigDict(dict(
+      seed=5, method="dreambooth",
+      subject=dict(identifier="red", class_noun="ball", instance_template=INSTANCE_TEMPLATE,
+                   identifier_tokens=1, identifier_id_range=RANGE)))
+  ident = prompts.resolve_identifier(config, tok, tmp_path / "run")
+  assert ident.text == "red" and ident.source == "user"
+  assert prompts.resolve_identifier(config, tok, tmp_path / "run") == ident
+  config.subject.identifier = ""
+  assert prompts.resolve_identifier(config, tok, tmp_path / "other") == rare_token_identifier(
+      tok, num_tokens=1, seed=5, id_range=RANGE, class_noun="ball")
+
+
 def test_templates():
   assert INSTANCE_TEMPLATE == "a {identifier} {class_noun}" and CLASS_TEMPLATE == "a {class_noun}"
   assert instance_prompt("sks", "backpack", template="a photo of {identifier} {class_noun}") == \
