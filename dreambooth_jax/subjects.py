@@ -120,10 +120,10 @@ def resolve_identifiers(config, tokenizer, subjects: Sequence[Subject], folders:
     else:
       seed = config.seed + i
       while True:
-        ident = identifiers.resolve_identifier(
-            tokenizer, s.identifier or None, class_noun=s.class_noun,
+        ident = identifiers.from_settings(
+            tokenizer, s.identifier, class_noun=s.class_noun,
             template=s_cfg.instance_template, num_tokens=s_cfg.identifier_tokens, seed=seed,
-            id_range=tuple(s_cfg.identifier_id_range))
+            id_range=s_cfg.identifier_id_range)
         if s.identifier or ident.text not in taken:
           break
         seed += len(subjects)
