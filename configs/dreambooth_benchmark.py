@@ -98,6 +98,9 @@ def get_config(arg=None):
     c.subject.min_size = 64  # the world's photos are 64 px, the tiny SR stage's size
   c.subject.update(dir="", class_noun="", identifier="")  # per subject, below
   c.train.optimizer = "adamw"
+  # Subjects each device trains at a time: the step loops over chunks of this many per
+  # device (one chunk's activations live, the same FLOPs and numbers); 0 = all at once.
+  c.train.subject_chunk = 0
   c.log.sample_every = 0  # the job draws no sample grids (sample a subject's workdir instead)
   c.subjects = ml_collections.ConfigDict(
       {n: dict(dir=table[n][0], class_noun=table[n][1], identifier="") for n in names})

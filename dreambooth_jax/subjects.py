@@ -18,6 +18,14 @@ examples together, so no subject would see the noise its lone run sees. The rest
 (a global norm would couple them) and AdamW is elementwise. Adafactor is refused:
 its factored second moments would mix the subject axis with the others.
 
+`config.train.subject_chunk` > 0 trains that many subjects per device at a time: a
+loop over chunks of subjects inside the step, each iteration taking subjects from every
+device's share of the axis (see `_in_chunks`), so a chip holds one chunk's activations,
+not every subject's. Each iteration computes its subjects' gradients itself (a
+`custom_vjp` whose residuals are those gradients, adapter-sized): checkpointing the loop
+body instead would run each chunk's forward pass again in the backward pass. The
+per-subject numbers are the vmap's.
+
 Subjects are ordered by name (the subject axis): a config read back from JSON
 gives the same order.
 """
@@ -67,6 +75,9 @@ def check_config(config) -> None:
   if lora_lib.adapts_text(config):
     raise config_lib.ConfigError("config.lora.text_encoder=True: T5 is shared by every subject "
                                  "here, so its adapters cannot be per subject; set it False")
+  if int(config.train.get("subject_chunk", 0)) < 0:
+    raise config_lib.ConfigError(f"config.train.subject_chunk={config.train.subject_chunk}: "
+                                 "subjects per device per iteration; 0 = all at once")
   used = set(methods.optimizer_per_group(config.train.get("optimizer", "adamw"),
                                          config_lib.parse_stages(config.stages)).values())
   if used != {"adamw"}:
@@ -102,6 +113,8 @@ def lone_config(config, subject: Subject, identifier: str = "") -> ml_collection
   with alone, and what `finetuned.FineTuned.load` reads from its workdir."""
   c = ml_collections.ConfigDict(config.to_dict())
   del c["subjects"]
+  if "subject_chunk" in c.train:  # how the job loops over its subjects: no lone setting
+    del c.train["subject_chunk"]
   c.subject.update(dir=subject.dir, class_noun=subject.class_noun,
                    identifier=identifier or subject.identifier)
   return c
@@ -160,24 +173,108 @@ def optimizer(config, params, phase: methods.Phase) -> optax.GradientTransformat
   return methods.optimizer(config, params, phase, clip_by=clip_per_subject)
 
 
-def joint_loss(names: Sequence[str]):
+def joint_loss(names: Sequence[str], subject_chunk: int = 0):
   """`loss(stages, params, batch, rng, prior_weight)` for `methods.make_train_step`: the sum
   over subjects of `dreambooth_loss`, each subject's adapters on its own slice of the
   batch (leading subject axis after the micro-batch one). Metrics: the sums, and each
-  subject's own as 'subject/<name>/...'."""
+  subject's own as 'subject/<name>/...'. `subject_chunk` > 0: that many subjects per
+  device at a time (`config.train.subject_chunk`); 0, or at least a device's share: all."""
   def loss(stages, params, batch, rng, prior_weight):
     adapters = {n: params[n].adapters for n in stages}
+    # The frozen weights and the rng, shared by every subject (not mapped, not differentiated).
+    shared = ({n: dataclasses.replace(params[n], adapters=None) for n in stages}, rng)
 
-    def one(adapters_s, batch_s):
-      own = {n: dataclasses.replace(params[n], adapters=adapters_s[n]) for n in stages}
+    def one(adapters_s, batch_s, shared):
+      bound, rng = shared
+      own = {n: dataclasses.replace(bound[n], adapters=adapters_s[n]) for n in stages}
       return methods.dreambooth_loss(stages, own, batch_s, rng, prior_weight)
 
-    losses, per_subject = jax.vmap(one)(adapters, batch)
+    ways, axes, chunk = subject_loop(len(names), subject_chunk)
+    if chunk:
+      losses, per_subject = _in_chunks(one, chunk, ways, axes)(adapters, batch, shared)
+    else:
+      losses, per_subject = jax.vmap(one, in_axes=(0, 0, None))(adapters, batch, shared)
     metrics = {k: jnp.sum(v) for k, v in per_subject.items()}
     for i, name in enumerate(names):
       metrics.update({f"subject/{name}/{k}": v[i] for k, v in per_subject.items()})
     return jnp.sum(losses), metrics
   return loss
+
+
+def subject_loop(num_subjects: int, subject_chunk: int, mesh=None):
+  """How the joint step of `num_subjects` runs on `mesh` (default: the one `jax.set_mesh`
+  set): (ways, axes, chunk). The subject axis splits `ways` ways over the mesh axes
+  `axes` (the data axes when they divide it, as `batch_layout` lays out the batch; 1,
+  None: replicated); `chunk` subjects per device an iteration of the loop, 0 = no loop
+  (`subject_chunk` 0, or at least a device's share)."""
+  mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+  axes = None if mesh.empty else sharding.batch_spec(mesh, (num_subjects,))[0]
+  ways = sharding.data_parallelism(mesh) if axes else 1
+  return ways, axes, subject_chunk if 0 < subject_chunk < num_subjects // ways else 0
+
+
+def _in_chunks(one, chunk: int, ways: int, axes):
+  """`vmap(one, (0, 0, None))` as a loop over chunks of `chunk` subjects per device:
+  `(adapters, batch, shared) -> (losses [S], metrics [S])`, differentiable in the adapters.
+
+  Device d holds subjects [d*S/ways, (d+1)*S/ways) (its share). Iteration i takes
+  subjects [i*chunk, (i+1)*chunk) of every share, device by device ([S] -> [ways, n,
+  chunk] -> [n, ways*chunk]), so each iteration's subject axis splits over the devices
+  as the whole axis did and nothing is gathered. (Chunks laid out [chunk, ways], the
+  split axis second, made XLA all-reduce activations of 335M elements at chunk 2.) A
+  share that chunks do not divide ends with one smaller call after the loop.
+  The forward pass computes each chunk's gradients as it goes and keeps only those:
+  subject s's loss depends on its adapters alone, so they are its slice of the sum's
+  gradient, and the backward pass scales them by the losses' cotangents.
+  """
+  def pin(x, axis):  # the batch's subjects stay on the devices that hold them
+    if not axes:
+      return x
+    mesh = jax.sharding.get_abstract_mesh()
+    return jax.lax.with_sharding_constraint(x, sharding.batch_spec(mesh, x.shape, axis=axis))
+
+  def loop(fn, adapters, batch):
+    share = jax.tree.leaves(batch)[0].shape[0] // ways
+    n, rest = divmod(share, chunk)
+    shares = lambda x: x.reshape((ways, share) + x.shape[1:])
+
+    def chunks(x):  # [S] -> [n, ways*chunk]
+      x = shares(x)[:, :n * chunk].reshape((ways, n, chunk) + x.shape[1:])
+      return jnp.swapaxes(x, 0, 1).reshape((n, ways * chunk) + x.shape[3:])
+
+    def unchunk(y):  # [n, ways*chunk] -> [ways, n*chunk]
+      y = jnp.swapaxes(y.reshape((n, ways, chunk) + y.shape[2:]), 0, 1)
+      return y.reshape((ways, n * chunk) + y.shape[3:])
+
+    out = jax.lax.map(jax.vmap(fn), (jax.tree.map(chunks, adapters),
+                                     jax.tree.map(lambda x: pin(chunks(x), 1), batch)))
+    out = jax.tree.map(unchunk, out)
+    if rest:
+      last = lambda x: shares(x)[:, n * chunk:].reshape((ways * rest,) + x.shape[1:])
+      tail = jax.vmap(fn)((jax.tree.map(last, adapters),
+                           jax.tree.map(lambda x: pin(last(x), 0), batch)))
+      out = jax.tree.map(lambda y, t: jnp.concatenate(
+          [y, t.reshape((ways, rest) + t.shape[1:])], axis=1), out, tail)
+    return jax.tree.map(lambda y: y.reshape((ways * share,) + y.shape[2:]), out)
+
+  @jax.custom_vjp
+  def run(adapters, batch, shared):
+    return loop(lambda ab: one(*ab, shared), adapters, batch)
+
+  def forward(adapters, batch, shared):
+    def with_grads(ab):
+      (value, metrics), grads = jax.value_and_grad(one, has_aux=True)(*ab, shared)
+      return value, metrics, grads
+    losses, metrics, grads = loop(with_grads, adapters, batch)
+    return (losses, metrics), grads
+
+  def backward(grads, cotangents):
+    per_subject = cotangents[0]  # [S]; the metrics' cotangents are zero (logged, not a loss)
+    scale = lambda g: g * per_subject.reshape((-1,) + (1,) * (g.ndim - 1)).astype(g.dtype)
+    return jax.tree.map(scale, grads), None, None  # the batch and shared weights: not trained
+
+  run.defvjp(forward, backward)
+  return run
 
 
 def batch_layout(mesh, resolutions: Mapping[str, int], *, num_subjects: int, batch_size: int,

@@ -79,7 +79,8 @@ def jit_step(config, ps: state_lib.PhaseSetup, names, frozen_shardings):
   """The one step of every subject, `(state, batch, frozen) -> (state, metrics)`, jitted with
   the state donated and sharded as `ps` says; `frozen`: the shared frozen UNets."""
   return jax.jit(methods.make_train_step(ps.stages, ps.tx, config.prior.weight,
-                                         loss=subjects_lib.joint_loss(names)),
+                                         loss=subjects_lib.joint_loss(
+                                             names, config.train.get("subject_chunk", 0))),
                  in_shardings=(ps.shardings, None, frozen_shardings),
                  out_shardings=(ps.shardings, None), donate_argnums=(0,))
 

@@ -162,10 +162,23 @@ def lower_joint_step(args, config, mesh, rules, job: Job):
       batch_size=t.batch_size, prior_batch_size=prior_n, grad_accum=t.grad_accum, text_width=width)
   state = state_lib.with_shardings(ps.abstract, ps.shardings)
   split = layout[job.tuned[0]]["instance"].spec[1] is not None
+  ways, _, chunk = subjects_lib.subject_loop(len(job.names), t.get("subject_chunk", 0), mesh)
+  loop = f", {len(job.names) // ways // chunk} x {chunk} a device" if chunk else ""
   desc = (f"{'+'.join(job.tuned)} LoRA r={config.lora.rank} x {len(job.names)} subjects "
-          f"{t.batch_size}+{prior_n} img each (subjects {'split' if split else 'replicated'})")
+          f"{t.batch_size}+{prior_n} img each (subjects {'split' if split else 'replicated'}"
+          f"{loop})")
   lowered = step.lower(state, with_sharding(batch, layout), with_sharding(frozen, frozen_sh))
   return lowered, state["params"], desc
+
+
+def subject_loop_trips(config, num_subjects: int, mesh) -> float:
+  """How many loop bodies the joint step's FLOPs are, for `config.train.subject_chunk`:
+  XLA's cost analysis counts a loop's body once, and `lax.map` runs a device's share of
+  subjects that do not fill a last chunk after the loop (counted once too)."""
+  ways, _, chunk = subjects_lib.subject_loop(num_subjects, config.train.get("subject_chunk", 0),
+                                             mesh)
+  share = num_subjects // ways
+  return share / (chunk + share % chunk) if chunk else 1.0
 
 
 def lower_stage_sample(args, config, mesh, rules, name: str, *, batch: int, adapters: bool,
@@ -269,6 +282,10 @@ def plan_many(args) -> list[dict]:
     lower_s = time.perf_counter() - t0
     row = analyse("train" if kind == "train" else "many", lowered, params, desc, args, mesh, config)
     row.update(what=f"many:{key}", lower_s=lower_s, loop_steps=steps)
+    if key == "train":  # the subject loop's body counted once: the step is that many bodies
+      trips = subject_loop_trips(config, len(trained.names), mesh)
+      for k in ("flops_per_device", "flops_per_step_total", "step_s", "run_s"):
+        row[k] *= trips
     print(format_row(row), flush=True)
     rows[key] = row
   phases = job_phases(config, trained, rows, mesh, rules, args)

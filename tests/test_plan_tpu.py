@@ -206,9 +206,10 @@ def test_many_subject_benchmark_time_adds_up_the_jobs_programs():
 def test_many_subject_plan_lowers_the_jobs_step_and_sampling_loops():
   """What `--what=many` compiles, lowered only (compiling is the full plan's work): the joint
   step `train_many` jits, on 6 subjects + 2 padding slots, whose subject axis then splits
-  over the 4 devices, and the sampling loops of the class priors (frozen UNet) and of the
-  in-loop evaluation (a subject's adapters bound to it) with remat on, as the `if` config
-  samples: the priors' loop once refused its params there (nnx.remat, another trace)."""
+  over the 4 devices (also as a loop over chunks of subjects, `train.subject_chunk`), and
+  the sampling loops of the class priors (frozen UNet) and of the in-loop evaluation (a
+  subject's adapters bound to it) with remat on, as the `if` config samples: the priors'
+  loop once refused its params there (nnx.remat, another trace)."""
   import plan_many
   args = plan_tpu.parse_args(["--tiny", "--what=many", "--set=model.remat=true",
                               "--set=stages=base", "--pad_subjects=2"])
@@ -222,6 +223,11 @@ def test_many_subject_plan_lowers_the_jobs_step_and_sampling_loops():
       mesh, lambda: plan_many.lower_joint_step(args, slots, mesh, rules, job))
   assert f"x {len(job.names)} subjects" in desc and "subjects split" in desc
   assert all(x.shape[0] == len(job.names) for x in jax.tree.leaves(params))  # a subject axis
+  slots.train.subject_chunk = 1  # 2 slots a device: a loop of 2, one slot of each device
+  lowered, _, desc = plan_tpu.as_on_tpu(
+      mesh, lambda: plan_many.lower_joint_step(args, slots, mesh, rules, job))
+  assert "2 x 1 a device" in desc and "while" in lowered.as_text()
+  assert plan_many.subject_loop_trips(slots, len(job.names), mesh) == 2
   for adapters in (False, True):
     lowered, _, desc, steps = plan_tpu.as_on_tpu(mesh, lambda: plan_many.lower_stage_sample(
         args, config, mesh, rules, "base", batch=4, adapters=adapters, sampler="dpmpp_2m",

@@ -6,7 +6,7 @@ built. The selection rule and the report are pure python, tested on hand-made nu
 Compile time dominates on CPU: the job runs once on the tiny base stage (plus a resume that
 hits the persistent compilation cache), its evaluation draws at the base stage only (one
 sampling program), and the equivalence test compiles only the lone step it compares the
-job with.
+job with and the job's step looping over chunks of subjects (`train.subject_chunk`).
 """
 
 import json
@@ -21,6 +21,7 @@ import pytest
 from configs import world
 from dreambooth_jax import checkpoint, config_lib, data, embeddings, lora, methods, pipeline
 from dreambooth_jax import priors, sharding
+from dreambooth_jax import state as state_lib
 from dreambooth_jax import subjects as subjects_lib
 from dreambooth_jax import train_many
 from dreambooth_jax.evaluation import in_loop, job_report, selection
@@ -51,11 +52,12 @@ RULE = "max subject if context >= first"
 def job(tmp_path_factory):
   """The job on two world subjects, tiny random cascade, base stage, 4 steps, a checkpoint
   every 2; a learning rate that moves the adapters and a clip every step bites (each
-  subject by its own norm); the world protocol's evaluation at steps 2 and 4 (one context
-  x 2 images per subject, at the base stage: the cheapest draw that scores every metric
-  but PRES): (config, workdir, final joint state)."""
-  config = _job_config(**{"train.lr": 1e-2, "train.grad_clip": 0.05, "eval.every": 2,
-                          "eval.stage": "base", "eval.select": RULE})
+  subject by its own norm); Adam's eps above the float noise of the few gradient entries
+  near zero (see the equivalence test); the world protocol's evaluation at steps 2 and 4
+  (one context x 2 images per subject, at the base stage: the cheapest draw that scores
+  every metric but PRES): (config, workdir, final joint state)."""
+  config = _job_config(**{"train.lr": 1e-2, "train.grad_clip": 0.05, "train.eps": 1e-6,
+                          "eval.every": 2, "eval.stage": "base", "eval.select": RULE})
   workdir = str(tmp_path_factory.mktemp("many"))
   return config, workdir, train_many.run(config, workdir)
 
@@ -82,10 +84,44 @@ def _lone_batches(config, workdir, name, models, steps):
                     "prior": prior[idx][None]}, "text": text}
 
 
+def _chunked_job(config, workdir, models, names, steps):
+  """The job's step with `train.subject_chunk=1` on the job's mesh (data=2), over the
+  subjects `names` (a subject may fill several slots), from the job's start on each
+  slot's lone batches: (final joint state, [step metrics]). Four slots on two devices:
+  the step loops twice, each iteration taking one slot of each device's share."""
+  c = config.copy_and_resolve_references()
+  c.train.subject_chunk = 1
+  mesh = sharding.make_mesh(dict(c.mesh))
+  rules = pipeline.rules_of(c)
+  (phase,) = methods.phases(c)
+  stage = models.cascade.by_name["base"]
+  ps = train_many.joint_setup(c, {"base": stage}, len(names), phase, mesh, rules,
+                              token_width=models.t5_width)
+  frozen_sh = {"base": sharding.param_shardings(stage.params, mesh, rules)}
+  step = train_many.jit_step(c, ps, [f"{n}_{i}" for i, n in enumerate(names)], frozen_sh)
+  state = state_lib.initial_state(ps.stages, ps.tx, phase, ps.shardings, step=0,
+                                  rng=jax.random.key(c.seed))
+  frozen = jax.device_put({"base": stage.params}, frozen_sh)
+  t = c.train
+  _, layout = subjects_lib.batch_layout(mesh, {"base": c.cascade.base.resolution},
+                                        num_subjects=len(names), batch_size=t.batch_size,
+                                        prior_batch_size=t.prior_batch_size, grad_accum=1,
+                                        text_width=models.t5_width)
+  lone = {n: list(_lone_batches(c, workdir, n, models, steps)) for n in dict.fromkeys(names)}
+  metrics = []
+  for k in range(steps):
+    batch = jax.tree.map(lambda *xs: np.stack(xs, axis=1), *[lone[n][k] for n in names])
+    with jax.set_mesh(mesh):
+      state, m = step(state, jax.device_put(batch, layout), frozen)
+    metrics.append(jax.device_get(m))
+  return state, metrics
+
+
 def test_each_subject_equals_its_lone_run(job):
   """Each subject's adapters after the joint job equal what the lone run's step
   (`methods.make_train_step`, the lone optimiser with its global-norm clip) reaches from the
-  same start on that subject's batches."""
+  same start on that subject's batches; so do they when the step loops over chunks of
+  subjects (`train.subject_chunk`)."""
   config, workdir, state = job
   rows = [r for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl"))) if "loss" in r]
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
@@ -93,7 +129,10 @@ def test_each_subject_equals_its_lone_run(job):
   stage = models.cascade.by_name["base"]
   alone = lora.LoRAStage(stage, lora.settings(config))
   (phase,) = methods.phases(config)
-  err = moved = 0.0
+  names = [s.name for s in subjects_lib.from_config(config)]
+  # Two slots per subject, so that the chunked step loops: slot j trains names[j % 2].
+  chunked, chunked_rows = _chunked_job(config, workdir, models, names * 2, config.train.steps)
+  err = moved = chunked_err = 0.0
   step = None
   for i, s in enumerate(subjects_lib.from_config(config)):
     c = subjects_lib.lone_config(config, s)
@@ -106,18 +145,51 @@ def test_each_subject_equals_its_lone_run(job):
       own, metrics = step(own, batch, {"base": stage.params})
       assert metrics["l2_grads"] > c.train.grad_clip  # the clip bites
       # Same images, prompts and noise: the subject's loss in the job is the lone loss.
-      np.testing.assert_allclose(rows[k][f"subject/{s.name}/loss"], float(metrics["loss"]),
-                                 rtol=1e-5)
-    for a, b, b0 in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(own["params"]),
-                        jax.tree.leaves(alone.params)):
+      for got in (rows[k][f"subject/{s.name}/loss"],
+                  *(chunked_rows[k][f"subject/{s.name}_{j}/loss"] for j in (i, i + 2))):
+        np.testing.assert_allclose(got, float(metrics["loss"]), rtol=1e-5)
+    for a, a2, b, b0 in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(chunked["params"]),
+                            jax.tree.leaves(own["params"]), jax.tree.leaves(alone.params)):
       err = max(err, float(np.abs(np.asarray(a)[i] - np.asarray(b)).max()))
+      chunked_err = max(chunked_err, *(float(np.abs(np.asarray(a2)[j] - np.asarray(b)).max())
+                                       for j in (i, i + 2)))
       moved = max(moved, float(np.abs(np.asarray(b) - np.asarray(b0)).max()))
   print(f"\njoint job vs lone steps, adapters after {config.train.steps} steps: max abs err "
-        f"{err:.2e} (moved {moved:.2e}, lr {config.train.lr})")
-  # Float32 reassociation (a vmapped, sharded program against a plain one) changes gradients
-  # by ~1e-7 relative; Adam divides by |g|, so where a gradient is a near-cancelling sum
-  # the update moves by a larger fraction of lr. 1% of one step's update bounds it.
-  assert moved > 1e-2 and err < 1e-2 * config.train.lr
+        f"{err:.2e}, chunked {chunked_err:.2e} (moved {moved:.2e}, lr {config.train.lr})")
+  # Float32 reassociation (a vmapped or looped, sharded program against a plain one) changes
+  # gradients by ~1e-7 relative; Adam divides by |g| + eps, so where a gradient is a
+  # near-cancelling sum the update moves by a larger fraction of lr. With eps 1e-8 one
+  # entry of a zero-initialised B, its gradient 7e-9, moved 1.8% of lr between the looped
+  # and the plain program; with eps 1e-6 (the fixture's) 1% of one step's update bounds it.
+  assert moved > 1e-2 and max(err, chunked_err) < 1e-2 * config.train.lr
+
+
+def test_subject_chunks_give_the_vmaps_losses_and_gradients():
+  """The loop over chunks of subjects on a toy loss (compiles in a second): 6 subjects split
+  over 2 devices, 2 a device per iteration, so each share of 3 is one iteration and a last
+  call of 1 (the equivalence test above runs the real step, 4 slots, a loop of 2)."""
+  def one(a, b, shared):
+    w, key = shared
+    value = jnp.sum(jnp.tanh(a["x"] @ w) * (b + jax.random.normal(key, b.shape))) + a["y"].sum()
+    return value, {"mean": jnp.mean(b)}
+
+  keys = jax.random.split(jax.random.key(0), 4)
+  a = {"x": jax.random.normal(keys[0], (6, 3, 4)), "y": jax.random.normal(keys[1], (6, 2))}
+  b, w = jax.random.normal(keys[2], (6, 3, 4)), jax.random.normal(keys[3], (4, 4))
+
+  def total(a, chunk):
+    ways, axes, chunk = subjects_lib.subject_loop(6, chunk)
+    run = (subjects_lib._in_chunks(one, chunk, ways, axes) if chunk else
+           jax.vmap(one, in_axes=(0, 0, None)))
+    losses, metrics = run(a, b, (w, jax.random.key(1)))
+    return jnp.sum(losses), (losses, metrics)
+
+  with jax.set_mesh(sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 1})):
+    assert subjects_lib.subject_loop(6, 2) == (2, "data", 2)
+    want, got = (jax.jit(jax.value_and_grad(total, has_aux=True), static_argnums=1)(a, c)
+                 for c in (0, 2))
+  for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-5)
 
 
 def test_clip_per_subject_clips_each_subject_by_its_own_norm():
