@@ -37,33 +37,19 @@ def test_missing_world_cascade_says_how_to_make_it():
     world_config()
 
 
-def test_pretraining_trains_t5_and_its_export_is_what_the_world_config_loads(tmp_path):
-  """experiments/pretrain_world.py, end to end at toy widths (the base alone: one compiled
-  step). A frozen-T5 run of no steps writes its checkpoint; a run with `--text_lr` started
-  `--init_from` it encodes the captions inside the step, so the loss reaches T5, and
-  exports the moved encoder. That IF-layout export, trained with the UNets' text mask, is
-  a `cascade=` for configs/world.py, which follows the mask, and score_world_cascade.py
-  samples and scores it."""
-  import numpy as np
+def test_pretrain_export_is_what_the_world_config_loads(tmp_path):
+  """experiments/pretrain_world.py's export of a toy-width cascade set up with the UNets'
+  text mask (its initial weights: compiling the pretraining step would cost CI a minute):
+  the IF-layout export is a `cascade=` for configs/world.py, which follows the mask it
+  was trained with, and score_world_cascade.py samples and scores it."""
   import pretrain_world  # experiments/, on the path through pytest.ini
   import score_world_cascade
-  from safetensors.numpy import load_file
   from dreambooth_jax import pipeline
-  toy = ["--base_channels=16", "--sr_channels=8", "--train=base", "--sample_every=0", "--warmup=0",
-         "--text_mask"]
-  frozen, trained = tmp_path / "frozen", tmp_path / "trained"
-  pretrain_world.main([f"--workdir={frozen}", *toy, "--steps=0", f"--export={frozen / 'export'}"])
+  out = tmp_path / "export"
   t0 = time.time()
-  pretrain_world.main([f"--workdir={trained}", f"--init_from={frozen}", *toy, "--text_lr=1e-2",
-                       "--steps=2", f"--export={trained / 'export'}"])
-  print(f"2 steps with T5 trained, and the export: {time.time() - t0:.1f} s")
-  weights = lambda run: load_file(next((run / "export" / "IF-I" / "text_encoder").glob("*.safetensors")))
-  before, after = weights(frozen), weights(trained)
-  moved = {k: float(np.abs(after[k].astype(np.float32) - before[k].astype(np.float32)).max()) for k in before}
-  print(f"T5 moved by up to {max(moved.values()):.4f}")
-  assert all(v > 0 for v in moved.values()), [k for k, v in moved.items() if v == 0]
-
-  out = trained / "export"
+  pretrain_world.main([f"--workdir={tmp_path / 'run'}", "--base_channels=16", "--sr_channels=8",
+                       "--text_mask", "--export_only", f"--export={out}"])
+  print(f"export: {time.time() - t0:.1f} s")
   config = world_config(f"cascade={out}")
   assert config.model.unet_text_mask and config.pretrained.stage_1 == str(out / "IF-I")
   stages = pipeline.build(config).cascade.stages
