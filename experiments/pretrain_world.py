@@ -282,19 +282,18 @@ def main(argv=None):
   stages, params, t5, tok = build(args)
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
   replicated = NamedSharding(mesh, P())
-  schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, args.warmup, max(args.steps, args.warmup + 1),
-                                                end_value=args.lr * 0.1)
-  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
+  def adam(lr):  # warmup, cosine to 10% over --steps, clipped: the UNets' and T5's alike
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, args.warmup, max(args.steps, args.warmup + 1),
+                                                  end_value=lr * 0.1)
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
+  tx = adam(args.lr)
   state = dict(params=params, ema=jax.tree.map(jnp.copy, params), opt_state=tx.init(params),
                step=jnp.int32(0),
                rng=jax.random.key(args.seed))
   t5_graphdef, t5_params = nnx.split(t5)
   text = None
   if args.text_lr > 0:
-    t5_tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
-        optax.warmup_cosine_decay_schedule(0.0, args.text_lr, args.warmup, max(args.steps, args.warmup + 1),
-                                           end_value=args.text_lr * 0.1), weight_decay=0.0))
-    text = (t5_graphdef, t5_tx)
+    text = (t5_graphdef, adam(args.text_lr))
   state = jax.device_put(state, replicated)
   # The EMA's start (the random init), taken out of it on use; a copy, as the state is donated.
   init = jax.tree.map(jnp.copy, state["params"])
@@ -327,10 +326,10 @@ def main(argv=None):
                                             graphdef=t5_graphdef, mesh=None),
             "mask": ids["attention_mask"]}
 
-  def finish(state, export_to=None):
+  def finish(state, export_to=None, samples=bool(args.sample_every)):
     """Sample grids and the export from the averaged weights, T5's included."""
     ema, t5_ema = averaged(state, init, args.ema), encoder(state)
-    if args.sample_every:
+    if samples:
       write_samples(stages, ema, lambda c: encode(c, t5_ema),
                     workdir / "samples" / f"step_{int(state['step']):06d}.png")
     if export_to:
@@ -338,8 +337,7 @@ def main(argv=None):
              args.text_mask)
 
   if args.export_only:
-    args.sample_every = 0
-    finish(state, args.export or workdir / "export")
+    finish(state, args.export or workdir / "export", samples=False)
     return
   step_fn = jax.jit(make_step(stages, tx, args.ema, tuple(args.train.split("+")), text), donate_argnums=(0,))
   put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh, x.shape))
