@@ -173,12 +173,25 @@ def optimizer(config, params, phase: methods.Phase) -> optax.GradientTransformat
   return methods.optimizer(config, params, phase, clip_by=clip_per_subject)
 
 
+def slots(names: Sequence[str], mesh) -> list[str]:
+  """The subject axis of a job over `names` on `mesh`: the names, then padding slots
+  (copies of the first subjects, computed on their data, so that every device does the
+  same work) until the mesh's data axes divide the count. An axis they do not divide is not split at all: 30 subjects on 4
+  chips would put every adapter, batch and activation of all 30 on every chip. A
+  padding slot's loss is left out of the sum (`joint_loss`), so its adapters keep their
+  initial values, and nothing is logged, evaluated or exported for it."""
+  pad = -len(names) % sharding.data_parallelism(mesh)
+  return list(names) + [names[i % len(names)] for i in range(pad)]
+
+
 def joint_loss(names: Sequence[str], subject_chunk: int = 0):
   """`loss(stages, params, batch, rng, prior_weight)` for `methods.make_train_step`: the sum
   over subjects of `dreambooth_loss`, each subject's adapters on its own slice of the
   batch (leading subject axis after the micro-batch one). Metrics: the sums, and each
-  subject's own as 'subject/<name>/...'. `subject_chunk` > 0: that many subjects per
-  device at a time (`config.train.subject_chunk`); 0, or at least a device's share: all."""
+  subject's own as 'subject/<name>/...'. Slots after `names` are padding (`slots`):
+  computed, as the even split needs, but neither summed nor logged. `subject_chunk` > 0:
+  that many subjects per device at a time (`config.train.subject_chunk`); 0, or at least
+  a device's share: all."""
   def loss(stages, params, batch, rng, prior_weight):
     adapters = {n: params[n].adapters for n in stages}
     # The frozen weights and the rng, shared by every subject (not mapped, not differentiated).
@@ -189,15 +202,17 @@ def joint_loss(names: Sequence[str], subject_chunk: int = 0):
       own = {n: dataclasses.replace(bound[n], adapters=adapters_s[n]) for n in stages}
       return methods.dreambooth_loss(stages, own, batch_s, rng, prior_weight)
 
-    ways, axes, chunk = subject_loop(len(names), subject_chunk)
+    num_slots = jax.tree.leaves(adapters)[0].shape[0]
+    ways, axes, chunk = subject_loop(num_slots, subject_chunk)
     if chunk:
       losses, per_subject = _in_chunks(one, chunk, ways, axes)(adapters, batch, shared)
     else:
       losses, per_subject = jax.vmap(one, in_axes=(0, 0, None))(adapters, batch, shared)
-    metrics = {k: jnp.sum(v) for k, v in per_subject.items()}
+    n = len(names)  # the padding slots' gradients are zero: their loss is not in the sum
+    metrics = {k: jnp.sum(v[:n]) for k, v in per_subject.items()}
     for i, name in enumerate(names):
       metrics.update({f"subject/{name}/{k}": v[i] for k, v in per_subject.items()})
-    return jnp.sum(losses), metrics
+    return jnp.sum(losses[:n]), metrics
   return loss
 
 

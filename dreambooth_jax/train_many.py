@@ -18,6 +18,10 @@ With `config.eval.every` > 0 the job evaluates every subject in the loop
 logged as learning curves), keeps per subject the step `config.eval.select` chooses
 (dreambooth_jax/evaluation/selection.py), and ends with the benchmark's report.
 
+The subject axis is split over the mesh's data axes; when they do not divide the
+number of subjects, padding slots fill it (`subjects.slots`: computed on copies of
+the first subjects' data, left out of the loss, never exported).
+
 Workdir: checkpoints/ (the joint state), class_priors/<class prompt>/,
 prompt_embeddings/, metrics.jsonl, export/<subject>/ (the diffusers LoRA folders
 and dreambooth.json a lone run writes in its export/, and selection.json: which
@@ -156,15 +160,25 @@ def run(config, workdir):
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.checkpoint.keep,
                                      async_save=config.checkpoint.async_save)
   settings = lora_lib.settings(config)
-  ps = joint_setup(config, {n: models.cascade.by_name[n] for n in tuned}, len(subjects), phase,
+  # The subject axis: the subjects, then padding slots until the data axes divide it.
+  slots = subjects_lib.slots(names, mesh)
+  if len(slots) > len(names):
+    print(f"  {len(slots) - len(names)} padding slot(s): {len(slots)} slots split over the "
+          f"mesh's {sharding.data_parallelism(mesh)}-way data axes", flush=True)
+  ps = joint_setup(config, {n: models.cascade.by_name[n] for n in tuned}, len(slots), phase,
                    mesh, rules, token_width=models.t5_width)
   joint, tx = ps.stages, ps.tx
   start = ckpt.latest_step()
   if start is not None:
-    stored = ckpt.restore_metadata(start).get("subjects")
+    meta = ckpt.restore_metadata(start)
+    stored = meta.get("subjects")
     if stored != names:
       raise TrainError(f"{workdir} holds a job over subjects {stored}, not {names}; use a new "
                        "--workdir (the subject axis of its adapters is that list)")
+    if meta.get("slots", len(names)) != len(slots):
+      raise TrainError(f"{workdir} holds a job of {meta['slots']} subject slots (padded for "
+                       f"its mesh's data axes), this mesh needs {len(slots)}: resume with the "
+                       "same config.mesh data sizes, or use a new --workdir")
     state = state_lib.restore_state(ckpt, start, ps.abstract, ps.shardings)
     print(f"resumed from {workdir} at step {start}", flush=True)
   else:
@@ -180,10 +194,10 @@ def run(config, workdir):
                             token_width=models.t5_width)  # a lone run's state: the same for all
   step_fn = jit_step(config, ps, names, frozen_sh)
   prior_n = t.prior_batch_size if phase.prior else 0
-  _, layout = subjects_lib.batch_layout(mesh, resolutions, num_subjects=len(names),
+  _, layout = subjects_lib.batch_layout(mesh, resolutions, num_subjects=len(slots),
                                         batch_size=t.batch_size, prior_batch_size=prior_n,
                                         grad_accum=t.grad_accum, text_width=models.t5_width)
-  text = {k: {f: np.stack([emb([prompts[n][i]])[f] for n in names]) for f in ("text", "mask")}
+  text = {k: {f: np.stack([emb([prompts[n][i]])[f] for n in slots]) for f in ("text", "mask")}
           for i, k in enumerate(("instance", "class"))}  # [S, 1, L(, D)]
   text = jax.tree.map(lambda x: np.broadcast_to(x, (t.grad_accum,) + x.shape), text)
 
@@ -196,12 +210,12 @@ def run(config, workdir):
       idx = (data.batch_indices(config.prior.seed, micro, prior_n, config.prior.num_images)[0]
              if prior_n else None)
       inst = [photos[n].batch(config.seed, micro, t.batch_size, flip=config.subject.flip)
-              for n in names]
+              for n in slots]
       for stage in tuned:
         batch[stage]["instance"].append(np.stack([x[stage] for x in inst]))
         if idx is not None:
           batch[stage]["prior"].append(np.stack([prior_images[prompts[n][1]][stage][idx]
-                                                 for n in names]))
+                                                 for n in slots]))
     host = {n: {k: np.stack(v) for k, v in batch[n].items() if v} for n in tuned}
     host["text"] = text
     return jax.tree.map(state_lib.put_global, host, layout)
@@ -261,7 +275,8 @@ def run(config, workdir):
     train_lib.record_step(config, done, phase.end, state, metrics, ckpt=ckpt, writer=writer,
                           progress=progress, workdir=workdir,
                           what=f"subjects: {', '.join(bad) or 'loss finite, gradients not'}",
-                          metadata=dict(step=done, phase=phase.name, subjects=names),
+                          metadata=dict(step=done, phase=phase.name, subjects=names,
+                                        slots=len(slots)),
                           fix="check those subjects' images")
     if evaluation and evaluation.due(done, phase.end):
       evaluate(done)

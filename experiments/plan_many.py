@@ -1,7 +1,7 @@
 r"""The many-subject job on a TPU slice, and the whole benchmark's time: `plan_tpu.py --what=many`.
 
   python experiments/plan_tpu.py --what=many                  # 30 subjects, LoRA rank 4, v4-8
-  python experiments/plan_tpu.py --what=many --pad_subjects=2 --set=prior.num_images=32 ...
+  python experiments/plan_tpu.py --what=many --set=prior.num_images=32 ...
   python experiments/plan_tpu.py --what=many --tiny           # tiny models, the world's subjects
 
 The job is `dreambooth_jax.train_many` with configs/dreambooth_benchmark.py
@@ -10,9 +10,9 @@ dataset's prompts_and_classes.txt, read by the config and `subjects.from_config`
 as the job reads them, from `--dataset`), on the config's mesh over the
 topology's devices. `--set=KEY=VALUE` changes the config as `--config.KEY=VALUE`
 changes the job's; `--jobs=N` plans the benchmark as N jobs of as many subjects
-each (one compile answers for all); `--pad_subjects=N` trains N more subject slots
-(copies) so that the subject axis divides the data axes and splits over them
-(train_many does not pad: 30 subjects on 4 chips are replicated). Each program
+each (one compile answers for all). The job's padding slots (`subjects.slots`:
+copies of the first subjects until the data axes divide the subject axis, 30 -> 32
+on v4-8's 4 chips) are in the planned step as the job trains them. Each program
 the job runs is lowered on abstract arguments with the shardings the job gives
 them, and compiled:
 
@@ -239,28 +239,29 @@ def job_configs(config, jobs: int) -> list:
   return out
 
 
-def padded(config, extra: int):
-  """`config` with `extra` more subjects, copies of its first ones: the subject axis a job
-  padded to a multiple of the data axes would train (train_many does not pad; listing
-  subjects twice does the same)."""
+def padded(config, mesh):
+  """(`config` with train_many's padding slots on `mesh` as subjects of their own, copies
+  of its first ones; how many): the subject axis the job's step trains."""
+  names = sorted(config.subjects)
+  extra = len(subjects_lib.slots(names, mesh)) - len(names)
   if not extra:
-    return config
+    return config, 0
   c = ml_collections.ConfigDict(config.to_dict())
-  names = sorted(c.subjects)
   for i in range(extra):
     c.subjects[f"{names[i % len(names)]}_pad{i}"] = dict(c.subjects[names[i % len(names)]])
-  return c
+  return c, extra
 
 
 def plan_many(args) -> list[dict]:
   configs = job_configs(benchmark_config(args), args.jobs)
   config, jobs = configs[0], [job_of(c) for c in configs]
   job = jobs[0]  # every job has as many subjects: one compile answers for all
-  trained = job_of(padded(config, args.pad_subjects))
   mesh = sharding.make_mesh(dict(config.mesh), devices=jax.devices()[:args.devices])
+  with_pads, extra = padded(config, mesh)
+  trained = job_of(with_pads)
   rules = pipeline.rules_of(config)
   e, p = config.eval, config.prior
-  pads = f" + {args.pad_subjects} padding" if args.pad_subjects else ""
+  pads = f" + {extra} padding" if extra else ""
   print(f"# the many-subject job: {len(job.names)} subjects{pads} ({len(jobs)} job(s) of the "
         f"benchmark's {sum(len(j.names) for j in jobs)}), {len(job.class_prompts)} class prompts, "
         f"LoRA rank {config.lora.rank}, stages {'+'.join(job.tuned)}, mesh {dict(mesh.shape)}",
@@ -270,7 +271,7 @@ def plan_many(args) -> list[dict]:
     programs[f"priors {n}"] = ("sample", lambda n=n: lower_stage_sample(
         args, config, mesh, rules, n, batch=p.batch_size, adapters=False))
   programs["train"] = ("train", lambda: lower_joint_step(
-      args, padded(config, args.pad_subjects), mesh, rules, trained) + (1,))
+      args, with_pads, mesh, rules, trained) + (1,))
   for n in job.tuned:
     programs[f"eval {n}"] = ("sample", lambda n=n: lower_stage_sample(
         args, config, mesh, rules, n, batch=e.batch_size, adapters=True, sampler=e.sampler,
@@ -290,7 +291,7 @@ def plan_many(args) -> list[dict]:
     rows[key] = row
   phases = job_phases(config, trained, rows, mesh, rules, args)
   bench = benchmark_rows(config, jobs, rows, args.encode_batch, sharding.data_parallelism(mesh),
-                         pad=args.pad_subjects)
+                         pad=extra)
   verdict = goal(bench, args.goal_minutes)
   for line in format_plan(phases, bench, verdict, args):
     print(line, flush=True)

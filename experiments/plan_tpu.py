@@ -129,8 +129,6 @@ def parse_args(argv=None):
                     help="a config change, e.g. --set=prior.num_images=100 (repeatable)")
   many.add_argument("--jobs", type=int, default=1, help="the benchmark's subjects as this many "
                     "jobs of as many subjects each (`subjects=`; it must divide them)")
-  many.add_argument("--pad_subjects", type=int, default=0, help="train this many more subject "
-                    "slots (copies), so the subject axis divides the data axes")
   many.add_argument("--goal_minutes", type=float, default=60.0,
                     help="the benchmark (training + evaluation) must take less")
   args = p.parse_args(argv)

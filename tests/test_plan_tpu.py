@@ -212,12 +212,12 @@ def test_many_subject_plan_lowers_the_jobs_step_and_sampling_loops():
   loop once refused its params there (nnx.remat, another trace)."""
   import plan_many
   args = plan_tpu.parse_args(["--tiny", "--what=many", "--set=model.remat=true",
-                              "--set=stages=base", "--pad_subjects=2"])
+                              "--set=stages=base"])
   config = plan_many.benchmark_config(args)
-  slots = plan_many.padded(config, args.pad_subjects)
-  job = plan_many.job_of(slots)
-  assert len(job.names) == len(config.subjects) + 2 and job.tuned == ("base",)
   mesh = sharding.make_mesh(dict(config.mesh), devices=jax.devices()[:args.devices])
+  slots, extra = plan_many.padded(config, mesh)  # train_many's slots: 6 -> 8 on 4 devices
+  job = plan_many.job_of(slots)
+  assert extra == 2 and len(job.names) == len(config.subjects) + 2 and job.tuned == ("base",)
   rules = plan_tpu.pipeline.rules_of(config)
   _, params, desc = plan_tpu.as_on_tpu(
       mesh, lambda: plan_many.lower_joint_step(args, slots, mesh, rules, job))

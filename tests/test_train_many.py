@@ -37,7 +37,8 @@ TWO = "star_ball+zigzag_ball"  # both "ball": one class-prior cache serves both
 def _job_config(arg: str = f"tiny,runlocal,subjects={TWO}", **overrides):
   config = config_lib.from_file(f"{REPO / 'configs' / 'dreambooth_benchmark.py'}:{arg}")
   config.stages = "base"
-  config.mesh.update(data=2, fsdp=1, tensor=1)  # the subject axis split over data
+  # The subject axis split over data: 2 subjects and 2 padding slots.
+  config.mesh.update(data=4, fsdp=1, tensor=1)
   config.checkpoint.update(every=2, keep=10, async_save=False)
   config.log.tensorboard = False
   for key, value in overrides.items():
@@ -85,12 +86,13 @@ def _lone_batches(config, workdir, name, models, steps):
 
 
 def _chunked_job(config, workdir, models, names, steps):
-  """The job's step with `train.subject_chunk=1` on the job's mesh (data=2), over the
+  """The job's step with `train.subject_chunk=1` on a data=2 mesh, over the
   subjects `names` (a subject may fill several slots), from the job's start on each
   slot's lone batches: (final joint state, [step metrics]). Four slots on two devices:
   the step loops twice, each iteration taking one slot of each device's share."""
   c = config.copy_and_resolve_references()
   c.train.subject_chunk = 1
+  c.mesh.data = 2
   mesh = sharding.make_mesh(dict(c.mesh))
   rules = pipeline.rules_of(c)
   (phase,) = methods.phases(c)
@@ -211,9 +213,13 @@ def test_job_exports_each_subject_and_resumes_bitwise(job, tmp_path):
   names = TWO.split("+")
   assert int(state["step"]) == 4
   assert os.listdir(os.path.join(workdir, "class_priors")) == ["a_ball"]  # one shared cache
-  # The adapters' subject axis lies over the mesh's data axis.
-  leaf = jax.tree.leaves(state["params"]["base"])[0]
-  assert leaf.shape[0] == 2 and leaf.sharding.spec[0] == "data"
+  # The adapters' subject axis lies over the mesh's data axis (data=4): the 2 subjects and 2
+  # padding slots. A slot's loss is out of the sum, so its B matrices (zero at the start)
+  # get no gradient and stay zero, while the subjects' move.
+  leaves = jax.tree_util.tree_leaves_with_path(state["params"]["base"])
+  assert all(x.shape[0] == 4 and x.sharding.spec[0] == "data" for _, x in leaves)
+  b = [np.asarray(x) for path, x in leaves if lora._key_path(path).endswith("/b")]
+  assert b and all(not x[2:].any() and x[:2].any(axis=tuple(range(1, x.ndim))).all() for x in b)
   rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   assert all(f"subject/{n}/loss" in [r for r in rows if "loss" in r][-1] for n in names)
   # The learning curves: every subject's world metrics at steps 2 and 4 (no PRES: no class
@@ -227,7 +233,7 @@ def test_job_exports_each_subject_and_resumes_bitwise(job, tmp_path):
   rule = selection.parse(RULE, in_loop.world_protocol.METRICS)
   joint_ckpt = checkpoint.Checkpointer(workdir, keep=10, async_save=False)
   joint_stage = lora.LoRAStage(pipeline.build(config).cascade.by_name["base"],
-                               lora.settings(config), subjects=2)
+                               lora.settings(config), subjects=4)
   idents, chosen = set(), {}
   for i, name in enumerate(names):
     export = os.path.join(workdir, "export", name)
