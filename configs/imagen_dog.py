@@ -37,9 +37,12 @@ from dreambooth_jax import config_lib
 
 
 def _stage(resolution, guidance, steps, *, sample_aug=0.25, train_aug=1e-5):
+  # weighting: the fine-tuning loss over noise levels, as the UNet was pretrained
+  # ('uniform' epsilon MSE for IF; see diffusion.loss_weight for 'min_snr' and 'v').
   return ml_collections.ConfigDict(dict(
       resolution=resolution, guidance_scale=guidance, num_steps=steps, sampler="ddpm",
-      sample_aug_level=sample_aug, train_aug_level=train_aug))
+      sample_aug_level=sample_aug, train_aug_level=train_aug, weighting="uniform",
+      min_snr_gamma=5.0))
 
 
 def get_config(arg=None):

@@ -68,10 +68,12 @@ def get_config(arg=None):
                       t5=str(world / "IF-I" / "text_encoder"),
                       tokenizer=str(world / "IF-I" / "tokenizer"))
 
-  # The world cascade was pretrained at 32 and 64 px with guidance dropout 0.1.
+  # The world cascade was pretrained at 32 and 64 px with guidance dropout 0.1. DDPM at 25
+  # steps: on the packaged base, DPM-Solver++ at 20 drew the caption's class in 58% of 64
+  # held-out captions against DDPM's 67%, and the context in 61% against 78%.
   for name, res, guidance in (("base", 32, 4.0), ("sr256", 64, 4.0)):
-    c.cascade[name].update(resolution=res, guidance_scale=guidance, sampler="dpmpp_2m",
-                           num_steps=2 if tiny_runs else 20)
+    c.cascade[name].update(resolution=res, guidance_scale=guidance, sampler="ddpm",
+                           num_steps=2 if tiny_runs else 25)
 
   c.prior.update(num_images=2 if tiny_runs else 32, batch_size=2 if tiny_runs else 16)
   steps, lr = dict(dreambooth=(200, 1e-4), textual_inversion=(400, 5e-3),

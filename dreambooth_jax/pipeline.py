@@ -268,6 +268,7 @@ def stage_settings(config, name: str) -> cascade_lib.StageSettings:
   return cascade_lib.StageSettings(
       resolution=s.resolution, guidance_scale=s.guidance_scale, num_steps=s.num_steps,
       sampler=s.sampler, sample_aug_level=s.sample_aug_level, train_aug_level=s.train_aug_level,
+      weighting=s.get("weighting", "uniform"), min_snr_gamma=s.get("min_snr_gamma", 5.0),
       text_mask=bool(config.model.get("unet_text_mask", False)))
 
 

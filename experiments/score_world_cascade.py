@@ -6,7 +6,7 @@ r"""How well a pretrained world cascade follows its prompts, scored by the world
 Held-out scenes of the pretraining distribution (their own seed, so never seen in
 training) are captioned in full ("a large blue striped box in the snow"); the
 cascade samples one image per caption exactly as a world DreamBooth run does
-(configs/world.py: DPM-Solver++ 20 steps, guidance 4, the same noise for every
+(configs/world.py: DDPM 25 steps, guidance 4, the same noise for every
 cascade); the evaluator reads class, colour, pattern, size and context off each
 base (32 px) and SR (64 px) sample. The same scenes rendered by the world itself
 give the evaluator's own accuracy, the ceiling; chance is 1 / number of values.
@@ -100,8 +100,8 @@ def main(argv=None):
                  help="an export of pretrain_world.py (IF-I/, IF-II/); repeat to compare")
   p.add_argument("--num", type=int, default=64, help="held-out captions (one image each)")
   p.add_argument("--seed", type=int, default=0, help="the sampling noise, shared by every cascade")
-  p.add_argument("--sampler", default="", help="instead of configs/world.py's (dpmpp_2m), e.g. ddpm")
-  p.add_argument("--steps", type=int, default=0, help="instead of configs/world.py's (20)")
+  p.add_argument("--sampler", default="", help="instead of configs/world.py's (ddpm), e.g. dpmpp_2m")
+  p.add_argument("--steps", type=int, default=0, help="instead of configs/world.py's (25)")
   p.add_argument("--sr_aug", type=float, default=-1.0,
                  help="the SR stage's sampling augmentation level instead of configs/world.py's (0.25)")
   p.add_argument("--sensitivity", action="store_true",

@@ -2,6 +2,7 @@ r"""The DreamBooth papers' ablations in miniature, on a subject of the procedura
 
   python experiments/world_ablations.py --study=prior --seeds=0,1,2 --out=workdirs/ablations
   python experiments/world_ablations.py --study=all --subject=star_box --cascade=FOLDER
+  python experiments/world_ablations.py --study=prior --stages=base --steps=1000 --seeds=0,1
 
 Each study is a set of variants of configs/world.py's DreamBooth run; every
 variant is trained once per seed (`python -m dreambooth_jax.train`, resumable:
@@ -65,6 +66,9 @@ def parse_args(argv=None):
   p.add_argument("--out", default="workdirs/ablations")
   p.add_argument("--cascade", default="", help="a pretraining export (default: the packaged one)")
   p.add_argument("--steps", type=int, default=-1, help="training steps (default: the config's)")
+  p.add_argument("--stages", default="", help="the stages tuned, e.g. base (default: the "
+                 "config's, base+sr256); every run is scored at the last one. A variant that "
+                 "names its own stages (sr_not_tuned) keeps them")
   p.add_argument("--num_images", type=int, default=8, help="images per held-out context")
   return p.parse_args(argv)
 
@@ -73,6 +77,7 @@ def config_arg(args, variant: str) -> str:
   extra, _ = VARIANTS[variant]
   parts = [f"subject={args.subject}", f"steps={args.steps}"]
   parts += [f"cascade={args.cascade}"] if args.cascade else []
+  parts += [f"stages={args.stages}"] if args.stages and "stages=" not in extra else []
   parts += [extra] if extra else []
   return "configs/world.py:" + ",".join(parts)
 
@@ -100,8 +105,10 @@ def study_table(args, study: str, seeds, runs: pathlib.Path) -> list[dict]:
   workdirs = {(v, s): runs / f"{v}_s{s}" for v in variants for s in seeds}
   for (v, s), w in workdirs.items():
     train(args, v, s, w)
+  stage = args.stages.split("+")[-1] if args.stages else None
   report = world_protocol.run([str(w) for w in workdirs.values()], args.subject,
-                              num_images=args.num_images, out=str(runs / f"eval_{study}"))
+                              num_images=args.num_images, out=str(runs / f"eval_{study}"),
+                              stage=stage)
   by_dir = {r["workdir"]: r for r in report["rows"] if r["workdir"]}
   real = next(r for r in report["rows"] if r["workdir"] is None)
   rows = [dict(variant="real (world renders)", seeds=0,

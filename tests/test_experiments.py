@@ -46,6 +46,9 @@ def test_world_ablations_change_only_what_they_name():
   args = world_ablations.parse_args(["--study=methods", "--cascade=c", "--steps=7"])
   assert world_ablations.config_arg(args, "two_stage") == (
       "configs/world.py:subject=zigzag_ball,steps=7,cascade=c,method=ti_then_finetune")
+  args = world_ablations.parse_args(["--study=sr_aug", "--stages=base"])
+  assert world_ablations.config_arg(args, "dreambooth").endswith("steps=-1,stages=base")
+  assert world_ablations.config_arg(args, "sr_not_tuned").endswith("steps=-1,stages=base")
   rows = [{"variant": "dreambooth", "seeds": 2,
            **{m: world_ablations.spread([0.25, 0.75]) for m in world_ablations.METRICS}}]
   assert "| dreambooth | 2 | 0.500 ± 0.354 |" in world_ablations.markdown("methods", "x", rows)

@@ -1,5 +1,6 @@
-"""configs/world.py: its arguments, and the clear error it gives while the pretrained world
-cascade is not in the checkout (experiments/pretrain_world.py makes it)."""
+"""configs/world.py: its arguments, the packaged pretrained world cascade it loads, and the
+clear error it gives for a cascade folder that is not there (experiments/pretrain_world.py
+makes one)."""
 
 import time
 
@@ -30,11 +31,40 @@ def test_every_subject_has_its_packaged_photos():
     assert len(photos.images) == 5 and photos.images[0].size == (64, 64), name
 
 
-def test_missing_world_cascade_says_how_to_make_it():
-  # Not shipped yet (see the README's world section); once it is, this becomes a preflight test.
+def test_missing_world_cascade_says_how_to_make_it(tmp_path):
   from dreambooth_jax import config_lib
   with pytest.raises(config_lib.ConfigError, match="pretrain_world.py .*--export="):
-    world_config()
+    world_config(f"cascade={tmp_path / 'nope'}")
+
+
+def test_the_packaged_cascade_loads_as_if_does():
+  """The default cascade ships in assets/world_cascade in IF's layout: the config points the
+  IF loaders at it, they find every file (fp16 variant weights), and the UNets and T5 load
+  with the shapes of their configs."""
+  import jax
+  from dreambooth_jax import pipeline
+  config = world_config()
+  assert config.pretrained.stage_1.endswith("assets/world_cascade/IF-I")
+  pipeline.check_pretrained_folders(config)
+  models = pipeline.build(config)
+  base, sr = models.cascade.stages
+  assert (base.settings.resolution, sr.settings.resolution) == (32, 64)
+  assert (base.settings.sampler, base.settings.num_steps) == ("ddpm", 25)
+  counts = [sum(x.size for x in jax.tree.leaves(s.params)) for s in (base, sr)]
+  print(f"world cascade parameters: base {counts[0]:,}, SR {counts[1]:,}")
+  assert counts[0] > counts[1] > 100_000
+  from dreambooth_jax import embeddings
+  text, mask = embeddings.encode_prompts(models.load_t5(), models.tokenizer, ["a ball", ""])
+  assert text.shape == (2, 77, 64) and mask[0].sum() > mask[1].sum() > 0
+
+
+def test_a_stage_is_fine_tuned_with_the_loss_weighting_its_config_names():
+  from dreambooth_jax import pipeline
+  config = world_config()
+  assert pipeline.stage_settings(config, "base").weighting == "uniform"  # IF's epsilon MSE
+  config.cascade.base.update(weighting="v", min_snr_gamma=10.0)
+  settings = pipeline.stage_settings(config, "base")
+  assert (settings.weighting, settings.min_snr_gamma) == ("v", 10.0)
 
 
 def test_pretrain_export_is_what_the_world_config_loads(tmp_path):
