@@ -1,6 +1,7 @@
 """The benchmark scripts run in their reduced modes, so they cannot rot (numbers are not checked)."""
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -52,3 +53,19 @@ def test_world_ablations_change_only_what_they_name():
   rows = [{"variant": "dreambooth", "seeds": 2,
            **{m: world_ablations.spread([0.25, 0.75]) for m in world_ablations.METRICS}}]
   assert "| dreambooth | 2 | 0.500 ± 0.354 |" in world_ablations.markdown("methods", "x", rows)
+
+
+def test_identifier_gain_compares_the_run_with_its_frozen_start(full_run):
+  """experiments/identifier_gain.py on the shared tiny run: the frozen model's and the run's
+  base UNet errors on the subject's photos and the run's class priors, with and without the
+  identifier, the same noise draws for all."""
+  import identifier_gain
+  rows = identifier_gain.main([f"--workdir={full_run[0]}", "--timesteps=100,900", "--draws=1",
+                               "--class_images=2"])
+  assert [(m, w) for m, w, _ in rows] == [("frozen", "instance"), ("frozen", "class"),
+                                          (os.path.basename(full_run[0]), "instance"),
+                                          (os.path.basename(full_run[0]), "class")]
+  errs = np.array([[e["with"], e["without"]] for _, _, e in rows])  # [row, prompt, t]
+  assert np.isfinite(errs).all() and (errs > 0).all()
+  assert (errs[:, 0] != errs[:, 1]).any()  # the identifier reaches the UNet
+  assert (errs[0] != errs[2]).any()  # the run's weights moved from the frozen ones
