@@ -11,7 +11,9 @@ flax.linen's logical partitioning; we keep it explicit and small.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from typing import Any, Iterable, Mapping, Sequence
 
 import jax
@@ -195,6 +197,25 @@ def batch_sharding(mesh: Mesh, shape: Sequence[int], axis: int = 0) -> NamedShar
   return NamedSharding(mesh, batch_spec(mesh, shape, axis))
 
 
+_outer = threading.local()  # trace-time state of `batch_split_outside`
+
+
+@contextlib.contextmanager
+def batch_split_outside():
+  """While tracing inside, the data axes split an outer, vmapped axis (train_many's
+  subjects, vmapped with `spmd_axis_name` = the data axes), so `constrain_batch` must not
+  split the inner batch over them again: it pins the activation unsplit, and the vmap
+  adds the data axes on the outer axis. Splitting both asked XLA for one mesh axis on two
+  dimensions; on a 2-way data axis (a subject's 1+1 images divide it) it all-gathered
+  the activations of every subject at each block."""
+  before = getattr(_outer, "active", False)
+  _outer.active = True
+  try:
+    yield
+  finally:
+    _outer.active = before
+
+
 def constrain_batch(x: jax.Array) -> jax.Array:
   """Pins an activation's leading (batch) axis by `batch_spec` on the mesh set by
   `jax.set_mesh`; a no-op without one or when the batch does not divide.
@@ -202,11 +223,14 @@ def constrain_batch(x: jax.Array) -> jax.Array:
   Fully sharded weights leave XLA's sharding propagation a choice: gather the weights,
   or follow their sharding into the activations. Left alone it took the second on
   fsdp meshes and all-reduced every attention score matrix; pinning the batch at
-  block boundaries makes it gather weights (FSDP as intended).
+  block boundaries makes it gather weights (FSDP as intended). Inside
+  `batch_split_outside` the pin is on the outer (vmapped) axis instead.
   """
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return x
+  if getattr(_outer, "active", False):
+    return jax.lax.with_sharding_constraint(x, P(*([None] * x.ndim)))
   spec = batch_spec(mesh, x.shape)
   if spec[0] is None:
     return x

@@ -32,6 +32,7 @@ gives the same order.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Mapping, Sequence
 
@@ -197,17 +198,21 @@ def joint_loss(names: Sequence[str], subject_chunk: int = 0):
     # The frozen weights and the rng, shared by every subject (not mapped, not differentiated).
     shared = ({n: dataclasses.replace(params[n], adapters=None) for n in stages}, rng)
 
+    num_slots = jax.tree.leaves(adapters)[0].shape[0]
+    ways, axes, chunk = subject_loop(num_slots, subject_chunk)
+
     def one(adapters_s, batch_s, shared):
       bound, rng = shared
       own = {n: dataclasses.replace(bound[n], adapters=adapters_s[n]) for n in stages}
-      return methods.dreambooth_loss(stages, own, batch_s, rng, prior_weight)
+      # The subject axis holds the data parallelism: the UNet's batch pins go on it.
+      with sharding.batch_split_outside() if axes else contextlib.nullcontext():
+        return methods.dreambooth_loss(stages, own, batch_s, rng, prior_weight)
 
-    num_slots = jax.tree.leaves(adapters)[0].shape[0]
-    ways, axes, chunk = subject_loop(num_slots, subject_chunk)
     if chunk:
       losses, per_subject = _in_chunks(one, chunk, ways, axes)(adapters, batch, shared)
     else:
-      losses, per_subject = jax.vmap(one, in_axes=(0, 0, None))(adapters, batch, shared)
+      losses, per_subject = jax.vmap(one, in_axes=(0, 0, None), spmd_axis_name=axes)(
+          adapters, batch, shared)
     n = len(names)  # the padding slots' gradients are zero: their loss is not in the sum
     metrics = {k: jnp.sum(v[:n]) for k, v in per_subject.items()}
     for i, name in enumerate(names):
@@ -261,12 +266,12 @@ def _in_chunks(one, chunk: int, ways: int, axes):
       y = jnp.swapaxes(y.reshape((n, ways, chunk) + y.shape[2:]), 0, 1)
       return y.reshape((ways, n * chunk) + y.shape[3:])
 
-    out = jax.lax.map(jax.vmap(fn), (jax.tree.map(chunks, adapters),
+    out = jax.lax.map(jax.vmap(fn, spmd_axis_name=axes), (jax.tree.map(chunks, adapters),
                                      jax.tree.map(lambda x: pin(chunks(x), 1), batch)))
     out = jax.tree.map(unchunk, out)
     if rest:
       last = lambda x: shares(x)[:, n * chunk:].reshape((ways * rest,) + x.shape[1:])
-      tail = jax.vmap(fn)((jax.tree.map(last, adapters),
+      tail = jax.vmap(fn, spmd_axis_name=axes)((jax.tree.map(last, adapters),
                            jax.tree.map(lambda x: pin(last(x), 0), batch)))
       out = jax.tree.map(lambda y, t: jnp.concatenate(
           [y, t.reshape((ways, rest) + t.shape[1:])], axis=1), out, tail)

@@ -11,6 +11,7 @@ job with and the job's step looping over chunks of subjects (`train.subject_chun
 
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -88,8 +89,9 @@ def _lone_batches(config, workdir, name, models, steps):
 def _chunked_job(config, workdir, models, names, steps):
   """The job's step with `train.subject_chunk=1` on a data=2 mesh, over the
   subjects `names` (a subject may fill several slots), from the job's start on each
-  slot's lone batches: (final joint state, [step metrics]). Four slots on two devices:
-  the step loops twice, each iteration taking one slot of each device's share."""
+  slot's lone batches: (final joint state, [step metrics], the compiled step's HLO).
+  Four slots on two devices: the step loops twice, each iteration taking one slot of
+  each device's share."""
   c = config.copy_and_resolve_references()
   c.train.subject_chunk = 1
   c.mesh.data = 2
@@ -110,13 +112,15 @@ def _chunked_job(config, workdir, models, names, steps):
                                         prior_batch_size=t.prior_batch_size, grad_accum=1,
                                         text_width=models.t5_width)
   lone = {n: list(_lone_batches(c, workdir, n, models, steps)) for n in dict.fromkeys(names)}
-  metrics = []
+  metrics, compiled = [], None
   for k in range(steps):
     batch = jax.tree.map(lambda *xs: np.stack(xs, axis=1), *[lone[n][k] for n in names])
+    batch = jax.device_put(batch, layout)
     with jax.set_mesh(mesh):
-      state, m = step(state, jax.device_put(batch, layout), frozen)
+      compiled = compiled or step.lower(state, batch, frozen).compile()
+      state, m = compiled(state, batch, frozen)
     metrics.append(jax.device_get(m))
-  return state, metrics
+  return state, metrics, compiled.as_text()
 
 
 def test_each_subject_equals_its_lone_run(job):
@@ -133,7 +137,12 @@ def test_each_subject_equals_its_lone_run(job):
   (phase,) = methods.phases(config)
   names = [s.name for s in subjects_lib.from_config(config)]
   # Two slots per subject, so that the chunked step loops: slot j trains names[j % 2].
-  chunked, chunked_rows = _chunked_job(config, workdir, models, names * 2, config.train.steps)
+  chunked, chunked_rows, hlo = _chunked_job(config, workdir, models, names * 2,
+                                            config.train.steps)
+  # A subject's 1+1 images divide the 2-way data axis, but the subject axis holds it: the
+  # UNet's batch pins go on the subjects (`sharding.batch_split_outside`), and no
+  # activation is gathered (pinning both all-gathered every subject's activations).
+  assert not re.search(r"all-gather|all-to-all", hlo), re.findall(r"\S+ all-gather\S*", hlo)[:3]
   err = moved = chunked_err = 0.0
   step = None
   for i, s in enumerate(subjects_lib.from_config(config)):
