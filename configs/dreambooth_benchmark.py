@@ -18,7 +18,12 @@ and the tiny random cascade on the world's photos (a CPU smoke run):
 Arguments after ':' (comma-separated): a variant (`if`, `world` or `tiny`),
 `subjects=dog+cat2` (a subset, '+'-joined; default all of the variant's),
 `lora=RANK` (default 4), `steps=N`, `runlocal` (smoke sizes), `dataset=DIR`,
-`eval_every=N` (in-loop evaluation every N steps; 0 = none).
+`eval_every=N` (in-loop evaluation every N steps; 0 = none), `hour` (the `if`
+variant's settings under which experiments/plan_tpu.py --what=many plans the
+whole benchmark of one method in under an hour on a v4-8: 32 class priors per
+class noun sampled with DPM-Solver++ at 15 steps a stage, no in-loop evaluation,
+the benchmark's images at 15 steps 20 a call, and `train.subject_chunk=1` so the
+joint step fits a chip; the paper samples ~1000 priors with the ancestral sampler).
 Per-subject overrides: `--config.subjects.dog.identifier=sks`.
 
 In-loop evaluation (`config.eval`, dreambooth_jax/evaluation/in_loop.py): the `if`
@@ -78,9 +83,11 @@ def _world_subjects() -> dict[str, tuple[str, str]]:
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, variant="if", subjects="", lora=4, steps=-1, runlocal=False,
-                             dataset="", eval_every=-1)
+                             dataset="", eval_every=-1, hour=False)
   if arg.variant not in ("if", "world", "tiny"):
     raise config_lib.ConfigError(f"variant {arg.variant!r}: use 'if', 'world' or 'tiny'")
+  if arg.hour and arg.variant != "if":
+    raise config_lib.ConfigError("`hour` is the `if` variant's setting (the v4-8 plan's)")
   table = _benchmark_subjects(arg.dataset) if arg.variant == "if" else _world_subjects()
   names = [n for n in arg.subjects.split("+") if n] if arg.subjects else sorted(table)
   unknown = [n for n in names if n not in table]
@@ -132,6 +139,15 @@ def get_config(arg=None):
       dino="", clip="", lpips="",  # the protocol's encoders (lpips: DIV, optional)
       evaluator="",             # world: the evaluator file ("" = the packaged one)
   )
+  if arg.variant == "world":  # the world cascade draws worse with DPM-Solver++ (configs/world.py)
+    c.eval.update(sampler=c.cascade.base.sampler, num_steps=c.cascade.base.num_steps)
   if arg.runlocal:
     c.eval.update(num_prompts=1, num_images=2)
+  if arg.hour:
+    c.prior.num_images = 32
+    for name in ("base", "sr256"):
+      c.cascade[name].update(sampler="dpmpp_2m", num_steps=15)
+    c.eval.update(every=0 if arg.eval_every < 0 else arg.eval_every, num_steps=15,
+                  batch_size=20)
+    c.train.subject_chunk = 1
   return c

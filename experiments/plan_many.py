@@ -1,7 +1,7 @@
 r"""The many-subject job on a TPU slice, and the whole benchmark's time: `plan_tpu.py --what=many`.
 
   python experiments/plan_tpu.py --what=many                  # 30 subjects, LoRA rank 4, v4-8
-  python experiments/plan_tpu.py --what=many --set=prior.num_images=32 ...
+  python experiments/plan_tpu.py --what=many --benchmark=if,hour  # the settings that meet the hour
   python experiments/plan_tpu.py --what=many --tiny           # tiny models, the world's subjects
 
 The job is `dreambooth_jax.train_many` with configs/dreambooth_benchmark.py

@@ -333,6 +333,16 @@ def test_benchmark_config_reads_the_dataset_subjects(dataset_dir, monkeypatch):
   assert sorted(two.subjects) == ["cat2", "dog"] and two.lora.rank == 8 and two.train.steps == 7
   with pytest.raises(config_lib.ConfigError, match="not if subjects"):
     config_lib.from_file(f"{path}:subjects=dog+nope")
+  # `hour`: the settings the v4-8 plan meets the hour with; nothing else differs.
+  hour = config_lib.from_file(f"{path}:hour")
+  assert (hour.prior.num_images, hour.train.subject_chunk, hour.eval.every) == (32, 1, 0)
+  assert all((hour.cascade[n].sampler, hour.cascade[n].num_steps) == ("dpmpp_2m", 15)
+             for n in ("base", "sr256"))
+  for key in ("cascade", "prior", "eval", "train"):
+    hour[key] = c[key]
+  assert hour.to_json() == c.to_json()
+  with pytest.raises(config_lib.ConfigError, match="`hour`"):
+    config_lib.from_file(f"{path}:world,hour")
 
 
 # -- the selection rule and the report: pure python ---------------------------------------
