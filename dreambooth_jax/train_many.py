@@ -175,8 +175,9 @@ def run(config, workdir):
     if stored != names:
       raise TrainError(f"{workdir} holds a job over subjects {stored}, not {names}; use a new "
                        "--workdir (the subject axis of its adapters is that list)")
-    if meta.get("slots", len(names)) != len(slots):
-      raise TrainError(f"{workdir} holds a job of {meta['slots']} subject slots (padded for "
+    stored_slots = meta.get("slots", len(names))  # jobs from before padding: one per subject
+    if stored_slots != len(slots):
+      raise TrainError(f"{workdir} holds a job of {stored_slots} subject slots (padded for "
                        f"its mesh's data axes), this mesh needs {len(slots)}: resume with the "
                        "same config.mesh data sizes, or use a new --workdir")
     state = state_lib.restore_state(ckpt, start, ps.abstract, ps.shardings)

@@ -296,6 +296,18 @@ def test_job_exports_each_subject_and_resumes_bitwise(job, tmp_path):
           os.path.join(workdir, "export", name, f), "rb").read()
 
 
+def test_resuming_on_a_mesh_that_pads_otherwise_is_refused(job, tmp_path):
+  """The job's checkpoints hold 4 subject slots (2 subjects padded for data=4); on data=2 the
+  job would have 2, so resuming there says so instead of failing inside the restore."""
+  config, workdir, _ = job
+  copy = tmp_path / "job"
+  shutil.copytree(workdir, copy)
+  other = config.copy_and_resolve_references()
+  other.mesh.data = 2
+  with pytest.raises(train_many.TrainError, match="4 subject slots .* needs 2"):
+    train_many.run(other, str(copy))
+
+
 def test_bad_subject_folders_are_named_before_anything_is_built(tmp_path, monkeypatch):
   empty, corrupt = tmp_path / "empty", tmp_path / "corrupt"
   empty.mkdir()
