@@ -109,13 +109,20 @@ def study_table(args, study: str, seeds, runs: pathlib.Path) -> list[dict]:
   report = world_protocol.run([str(w) for w in workdirs.values()], args.subject,
                               num_images=args.num_images, out=str(runs / f"eval_{study}"),
                               stage=stage)
-  by_dir = {r["workdir"]: r for r in report["rows"] if r["workdir"]}
-  real = next(r for r in report["rows"] if r["workdir"] is None)
+  return variant_rows(report, workdirs)
+
+
+def variant_rows(report: dict, workdirs: dict) -> list[dict]:
+  """The study's table from a world-protocol report over `workdirs` ({(variant, seed):
+  workdir}): the real row, then per variant each metric's mean over seeds of the run's
+  mean over prompts, with the spread over seeds."""
+  by_dir = {r["workdir"]: r["metrics"] for r in report["rows"] if r["workdir"]}
+  real = next(r["metrics"] for r in report["rows"] if r["workdir"] is None)
   rows = [dict(variant="real (world renders)", seeds=0,
                **{m: {"mean": real[m]["mean"], "std": 0.0} for m in METRICS})]
-  for v in variants:
-    runs = [by_dir[str(workdirs[v, s])] for s in seeds]
-    rows.append(dict(variant=v, seeds=len(seeds),
+  for v in dict.fromkeys(v for v, _ in workdirs):
+    runs = [by_dir[str(w)] for (v2, _), w in workdirs.items() if v2 == v]
+    rows.append(dict(variant=v, seeds=len(runs),
                      **{m: spread([r[m]["mean"] for r in runs]) for m in METRICS}))
   return rows
 

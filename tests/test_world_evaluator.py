@@ -205,6 +205,12 @@ def test_world_protocol_end_to_end_resumes_and_reports(full_run, tmp_path):
   assert any(l.startswith("| Real (world renders) | ") and " ± " in l for l in table)
   assert any(l.startswith(f"| {row['label']} | ") for l in table)
   assert "| Method | class | colour | colour2 | pattern |" in md
+  # experiments/world_ablations.py reads this report into its study table.
+  import world_ablations
+  rows = world_ablations.variant_rows(report, {("dreambooth", 0): full_run[0]})
+  assert [(r["variant"], r["seeds"]) for r in rows] == [("real (world renders)", 0),
+                                                        ("dreambooth", 1)]
+  assert rows[1]["Subject"] == {"mean": row["metrics"]["Subject"]["mean"], "std": 0.0}
 
   # A second run resumes: nothing regenerated, the same scores.
   mtimes = {p: p.stat().st_mtime_ns for p in folder.glob("*_*.png")}
