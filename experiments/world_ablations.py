@@ -109,7 +109,32 @@ def study_table(args, study: str, seeds, runs: pathlib.Path) -> list[dict]:
   report = world_protocol.run([str(w) for w in workdirs.values()], args.subject,
                               num_images=args.num_images, out=str(runs / f"eval_{study}"),
                               stage=stage)
+  figure(report, workdirs, seeds[0], runs / f"eval_{study}", runs / f"{study}.png")
   return variant_rows(report, workdirs)
+
+
+def figure(report: dict, workdirs: dict, seed: int, report_dir: pathlib.Path,
+           out: pathlib.Path) -> None:
+  """The report's sample grids of seed `seed`'s run of each variant, one above the other
+  under its variant's name, at half size: the study as a picture."""
+  from PIL import Image, ImageDraw
+  grids = {r["workdir"]: r["grid"] for r in report["rows"] if r["workdir"]}
+  panels = []
+  for (variant, s), w in workdirs.items():
+    if s != seed:
+      continue
+    grid = Image.open(report_dir / grids[str(w)]).convert("RGB")
+    grid = grid.resize((grid.width // 2, grid.height // 2), Image.LANCZOS)
+    panel = Image.new("RGB", (grid.width, grid.height + 18), "white")
+    ImageDraw.Draw(panel).text((4, 3), f"{variant} (seed {seed})", fill="black")
+    panel.paste(grid, (0, 18))
+    panels.append(panel)
+  sheet = Image.new("RGB", (max(p.width for p in panels), sum(p.height for p in panels)), "white")
+  y = 0
+  for p in panels:
+    sheet.paste(p, (0, y))
+    y += p.height
+  sheet.save(out)
 
 
 def variant_rows(report: dict, workdirs: dict) -> list[dict]:

@@ -211,6 +211,10 @@ def test_world_protocol_end_to_end_resumes_and_reports(full_run, tmp_path):
   assert [(r["variant"], r["seeds"]) for r in rows] == [("real (world renders)", 0),
                                                         ("dreambooth", 1)]
   assert rows[1]["Subject"] == {"mean": row["metrics"]["Subject"]["mean"], "std": 0.0}
+  from PIL import Image
+  world_ablations.figure(report, {("dreambooth", 0): full_run[0]}, 0, out, tmp_path / "fig.png")
+  grid = Image.open(out / row["grid"])
+  assert Image.open(tmp_path / "fig.png").size == (grid.width // 2, grid.height // 2 + 18)
 
   # A second run resumes: nothing regenerated, the same scores.
   mtimes = {p: p.stat().st_mtime_ns for p in folder.glob("*_*.png")}
