@@ -177,10 +177,10 @@ def optimizer(config, params, phase: methods.Phase) -> optax.GradientTransformat
 def slots(names: Sequence[str], mesh) -> list[str]:
   """The subject axis of a job over `names` on `mesh`: the names, then padding slots
   (copies of the first subjects, computed on their data, so that every device does the
-  same work) until the mesh's data axes divide the count. An axis they do not divide is not split at all: 30 subjects on 4
-  chips would put every adapter, batch and activation of all 30 on every chip. A
-  padding slot's loss is left out of the sum (`joint_loss`), so its adapters keep their
-  initial values, and nothing is logged, evaluated or exported for it."""
+  same work) until the mesh's data axes divide the count. An axis they do not divide is
+  not split at all: 30 subjects on 4 chips would put every adapter, batch and activation
+  of all 30 on every chip. A padding slot's loss is left out of the sum (`joint_loss`),
+  so its adapters get no gradient, and nothing is logged, evaluated or exported for it."""
   pad = -len(names) % sharding.data_parallelism(mesh)
   return list(names) + [names[i % len(names)] for i in range(pad)]
 
