@@ -268,7 +268,9 @@ def stage_settings(config, name: str) -> cascade_lib.StageSettings:
   return cascade_lib.StageSettings(
       resolution=s.resolution, guidance_scale=s.guidance_scale, num_steps=s.num_steps,
       sampler=s.sampler, sample_aug_level=s.sample_aug_level, train_aug_level=s.train_aug_level,
-      weighting=s.get("weighting", "uniform"), min_snr_gamma=s.get("min_snr_gamma", 5.0),
+      # A config saved before these keys existed gets the dataclass's defaults.
+      weighting=s.get("weighting", cascade_lib.StageSettings.weighting),
+      min_snr_gamma=s.get("min_snr_gamma", cascade_lib.StageSettings.min_snr_gamma),
       text_mask=bool(config.model.get("unet_text_mask", False)))
 
 

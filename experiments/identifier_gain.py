@@ -32,7 +32,7 @@ from PIL import Image
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from dreambooth_jax import data, finetuned, sharding  # noqa: E402
+from dreambooth_jax import data, diffusion, finetuned, sharding  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -49,22 +49,21 @@ def class_images(workdir: pathlib.Path, num: int, r: int) -> np.ndarray:
   if not paths:
     raise SystemExit(f"{workdir}/class_priors/base has no images: give a run with prior "
                      "preservation first (its priors are every run's class images)")
-  return np.stack([np.asarray(Image.open(p).convert("RGB").resize((r, r), Image.BICUBIC),
-                              np.float32) / 127.5 - 1 for p in paths])
+  return data.to_model_range(np.stack([
+      np.asarray(Image.open(p).convert("RGB").resize((r, r), Image.BICUBIC)) for p in paths]))
 
 
-def errors(stage, params, images, cond, timesteps, draws) -> list[float]:
-  """Mean squared epsilon error per t, the same (t, eps) draws for every call."""
+def errors(stage, eps, params, images, cond, timesteps, draws) -> list[float]:
+  """Mean squared epsilon error per t of `eps(params, x_t, t, cond)` (the stage's jitted
+  UNet), the same (t, noise) draws for every call."""
   n = images.shape[0]
-  ac = np.asarray(stage.schedule.alphas_cumprod)
-  eps = jax.jit(lambda p, x, t, c: stage.apply(p, x, t, c)[..., :3])
   out = []
   for t in timesteps:
+    tt = jnp.full((n,), t, jnp.int32)
     err = []
     for k in range(draws):
       noise = jax.random.normal(jax.random.key(1000 * t + k), images.shape)
-      xt = np.sqrt(ac[t]) * images + np.sqrt(1 - ac[t]) * noise
-      pred = eps(params, xt, jnp.full((n,), t, jnp.int32), cond)
+      pred = eps(params, diffusion.q_sample(stage.schedule, images, tt, noise), tt, cond)
       err.append(float(jnp.mean(jnp.square(pred - noise))))
     out.append(float(np.mean(err)))
   return out
@@ -87,8 +86,10 @@ def main(argv=None) -> list[tuple[str, str, dict[str, list[float]]]]:
     folder = tuned.config.subject.dir or data.default_subject_dir()  # as train.py reads it
     photos = data.SubjectData.from_folder(folder, {"base": r},
                                           min_size=min(tuned.config.subject.min_size, r))
-    inst = photos.images["base"].astype(np.float32) / 127.5 - 1
+    inst = data.to_model_range(photos.images["base"])
     noun = tuned.class_noun
+    # One jitted UNet per workdir (its graphdef; compiled once per image count).
+    eps = jax.jit(lambda p, x, t, c: stage.apply(p, x, t, c)[..., :3])
     models = [("frozen", stage.params)] if i == 0 else []
     models.append((w.name, tuned.params["base"]))
     for label, params in models:
@@ -97,8 +98,8 @@ def main(argv=None) -> list[tuple[str, str, dict[str, list[float]]]]:
         err = {}
         for key, prompt in (("with", f"a [V] {noun}"), ("without", f"a {noun}")):
           e = tuned.embed([prompt] * n)
-          err[key] = errors(stage, params, jnp.asarray(x), {"text": e["text"], "mask": e["mask"]},
-                            timesteps, args.draws)
+          err[key] = errors(stage, eps, params, jnp.asarray(x),
+                            {"text": e["text"], "mask": e["mask"]}, timesteps, args.draws)
         rows.append((label, what, err))
   print(f"mean squared epsilon error of the base UNet, t = {timesteps}")
   print("| model | images | prompt | " + " | ".join(f"t={t}" for t in timesteps) + " |")

@@ -58,7 +58,7 @@ def test_the_packaged_cascade_loads_as_if_does():
   assert text.shape == (2, 77, 64) and mask[0].sum() > mask[1].sum() > 0
 
 
-def test_a_stage_is_fine_tuned_with_the_loss_weighting_its_config_names():
+def test_a_stages_loss_weighting_comes_from_its_config():
   from dreambooth_jax import pipeline
   config = world_config()
   assert pipeline.stage_settings(config, "base").weighting == "uniform"  # IF's epsilon MSE
