@@ -24,6 +24,7 @@ import pathlib
 import ml_collections
 
 from dreambooth_jax import config_lib
+from dreambooth_jax.world import instances
 
 ASSETS = pathlib.Path(config_lib.__file__).resolve().parent / "assets"
 WORLD = ASSETS / "world_cascade"
@@ -52,7 +53,9 @@ def get_config(arg=None):
 
   c.subject.dir = str(SUBJECTS / arg.subject)
   c.subject.class_noun = CLASS_NOUNS[arg.subject]
-  c.subject.identifier_id_range = (100, 768)  # the world's tokenizer has 868 pieces
+  # The world's tokenizer has 868 pieces; pretraining's named instances use the lower half
+  # of 100..768 (dreambooth_jax/world/instances.py), so the identifier never is one of them.
+  c.subject.identifier_id_range = instances.IDENTIFIER_ID_RANGE
   c.subject.min_size = 64
   if arg.method == "textual_inversion":
     c.learned_token = dict(text=f"<{c.subject.class_noun}*>", init_word=c.subject.class_noun)

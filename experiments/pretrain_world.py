@@ -53,9 +53,9 @@ from dreambooth_jax.models import t5 as t5_lib
 from dreambooth_jax.models.layers import KeyGen, random_init
 from dreambooth_jax.models.unet import UNetConfig, abstract_unet
 from dreambooth_jax.tokenizer import Tokenizer
-from dreambooth_jax.weights.t5 import save_t5_encoder
-from dreambooth_jax.weights.unet import save_unet_diffusers
-from dreambooth_jax.world import scene as world
+from dreambooth_jax.weights.t5 import load_t5_encoder, save_t5_encoder
+from dreambooth_jax.weights.unet import load_unet, save_unet_diffusers
+from dreambooth_jax.world import instances, scene as world
 
 ASSETS = pathlib.Path(__file__).resolve().parents[1] / "dreambooth_jax" / "assets"
 TOKENIZER = ASSETS / "tiny_t5" / "spiece.model"
@@ -120,6 +120,12 @@ def parse_args(argv=None):
   p.add_argument("--init_from", default=None,
                  help="a workdir of a frozen-T5 run: its latest state starts this one (a new workdir), "
                       "and the T5 starts from the frozen init that run trained its UNets against")
+  p.add_argument("--init_export", default=None,
+                 help="an exported cascade (IF-I/, IF-II/) whose UNets and T5 start this run (a new "
+                      "workdir; fresh optimiser, the EMA started at the loaded weights)")
+  p.add_argument("--named", type=float, default=0.0,
+                 help="share of examples that are named instances, captioned by name "
+                      "(dreambooth_jax/world/instances.py)")
   p.add_argument("--export", default=None, help="write the IF-layout cascade here at the end")
   p.add_argument("--export_only", action="store_true", help="export the latest checkpoint and stop")
   return p.parse_args(argv)
@@ -135,10 +141,20 @@ def build(args):
   t5_cfg = t5_lib.T5Config(vocab_size=-(-tok.vocab_size // 128) * 128, d_model=T5_WIDTH, d_kv=16,
                            d_ff=128, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu")
   t5 = random_init(nnx.eval_shape(lambda: t5_lib.T5EncoderModel(t5_cfg, rngs=KeyGen(0))), args.seed + 7)
+  if args.init_export:  # the export's T5 (fp16-rounded), which its users encode with
+    t5 = load_t5_encoder(str(pathlib.Path(args.init_export) / "IF-I" / "text_encoder"), jnp.float32,
+                         variant="fp16")
   stages, params = {}, {}
   for i, (name, d) in enumerate(unet_configs(args.base_channels, args.sr_channels).items()):
     cfg = UNetConfig.from_diffusers(d, source=f"world {name}")
-    unet = random_init(abstract_unet(cfg), args.seed * 100 + i)
+    if args.init_export:
+      folder = pathlib.Path(args.init_export) / ("IF-I" if name == "base" else "IF-II") / "unet"
+      unet = load_unet(str(folder), jnp.float32, variant="fp16")
+      if unet.cfg != cfg:
+        raise SystemExit(f"--init_export: {folder} is not a UNet of --base_channels="
+                         f"{args.base_channels} --sr_channels={args.sr_channels}")
+    else:
+      unet = random_init(abstract_unet(cfg), args.seed * 100 + i)
     settings = cascade_lib.StageSettings(resolution=cfg.sample_size, guidance_scale=4.0, num_steps=25,
                                          text_mask=args.text_mask, weighting=args.weighting,
                                          min_snr_gamma=args.gamma)
@@ -154,9 +170,9 @@ def build(args):
 
 def host_batch(args, step: int) -> dict:
   """Images (64 px and its 32 px reduction) and captions of step `step`; example k of the
-  run is `world.example_at(seed, k)`, so a resumed run continues the same stream."""
+  run is `world.example_at(seed, k, named=args.named)`, so a resumed run continues the same stream."""
   first = step * args.batch
-  rows = [world.example_at(args.seed, first + k, 64) for k in range(args.batch)]
+  rows = [world.example_at(args.seed, first + k, 64, args.named) for k in range(args.batch)]
   x64 = np.stack([r[0] for r in rows]).astype(np.float32) / 127.5 - 1
   x32 = x64.reshape(args.batch, 32, 2, 32, 2, 3).mean(axis=(2, 4))  # the 32 px image, exactly
   rng = np.random.default_rng([args.seed, step, 1])
@@ -242,12 +258,16 @@ def write_samples(stages, ema, encode, path, seed: int = 0):
   grids.save_grid(path, rows)
 
 
-def export(stages, ema, t5, out: pathlib.Path, text_mask: bool = False) -> None:
+def export(stages, ema, t5, out: pathlib.Path, text_mask: bool = False, named: float = 0.0) -> None:
   """The cascade in DeepFloyd IF's published layout, fp16 variant files only, and
   world_cascade.json: how it was trained where IF's layout has no field for it."""
   if out.exists():
     shutil.rmtree(out)
-  utils.write_json(out / "world_cascade.json", {"unet_text_mask": bool(text_mask)})
+  trained = {"unet_text_mask": bool(text_mask)}
+  if named:  # DreamBooth on it must not draw an identifier that pretraining named something
+    trained.update(named_fraction=named, instance_names=list(instances.NAMES),
+                   name_id_range=list(instances.NAME_ID_RANGE))
+  utils.write_json(out / "world_cascade.json", trained)
   for name, folder in (("base", out / "IF-I"), ("sr", out / "IF-II")):
     unet = nnx.merge(stages[name].graphdef, jax.device_get(ema[name]))
     save_unet_diffusers(unet, folder / "unet", dtype=np.float16, variant="fp16")
@@ -334,7 +354,7 @@ def main(argv=None):
                     workdir / "samples" / f"step_{int(state['step']):06d}.png")
     if export_to:
       export(stages, ema, nnx.merge(t5_graphdef, jax.device_get(t5_ema)), pathlib.Path(export_to),
-             args.text_mask)
+             args.text_mask, args.named)
 
   if args.export_only:
     finish(state, args.export or workdir / "export", samples=False)

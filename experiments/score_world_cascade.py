@@ -13,6 +13,9 @@ give the evaluator's own accuracy, the ceiling; chance is 1 / number of values.
 
 This is what pretraining is judged by before a DreamBooth run can mean anything:
 a cascade that ignores colour words cannot learn a two-tone subject.
+
+`--named` asks the same of the named instances (pretrain_world.py --named): captioned
+by name alone, "a zm box on the beach", is the name's colour, pattern and size drawn?
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 from configs import world as world_config  # noqa: E402
 from dreambooth_jax import embeddings, grids, pipeline, sharding  # noqa: E402
 from dreambooth_jax.world import evaluator as evaluator_lib  # noqa: E402
+from dreambooth_jax.world import instances  # noqa: E402
 from dreambooth_jax.world import scene as scene_lib  # noqa: E402
 
 LABELS = ("class", "colour", "pattern", "size", "context")
@@ -37,6 +41,17 @@ HELD_OUT_SEED = 90_210  # pretraining draws from seed 0
 
 def held_out_scenes(num: int) -> list[scene_lib.Scene]:
   return [scene_lib.sample_scene(scene_lib.example_rng(HELD_OUT_SEED, i)) for i in range(num)]
+
+
+def named_scenes(num: int) -> list[scene_lib.Scene]:
+  """Held-out scenes of the named instances, each name in turn, in a held-out pose and context:
+  captioned "a zm box on the beach", they ask whether the cascade draws what a name means."""
+  out = []
+  for i in range(num):
+    rng = scene_lib.example_rng(HELD_OUT_SEED, i)
+    context = scene_lib.sample_scene(rng).context
+    out.append(scene_lib.named_scene(rng, instances.INSTANCES[i % len(instances.INSTANCES)], context))
+  return out
 
 
 def accuracies(evaluator, images: np.ndarray, scenes) -> dict[str, float]:
@@ -106,12 +121,15 @@ def main(argv=None):
                  help="the SR stage's sampling augmentation level instead of configs/world.py's (0.25)")
   p.add_argument("--sensitivity", action="store_true",
                  help="also print how much the caption moves the base UNet's epsilon (cond vs \"\")")
+  p.add_argument("--named", action="store_true",
+                 help="caption named instances by name instead (\"a zm box on the beach\"; "
+                      "dreambooth_jax/world/instances.py): colour, pattern and size are the name's")
   p.add_argument("--grid", default=None, help="also save the first 8 samples of each cascade here")
   args = p.parse_args(argv)
 
   evaluator = evaluator_lib.WorldEvaluator.load()
-  scenes = held_out_scenes(args.num)
-  captions = [scene_lib.caption(s, "full") for s in scenes]
+  scenes = named_scenes(args.num) if args.named else held_out_scenes(args.num)
+  captions = [scene_lib.caption(s, "name_context" if args.named else "full") for s in scenes]
   real = {"sr256": np.stack([evaluator_lib.render_both(s)[0] for s in scenes]),
           "base": np.stack([evaluator_lib.render_both(s)[1] for s in scenes])}
   chance = {k: 1 / len(evaluator.label_values[k]) for k in LABELS}
@@ -128,7 +146,8 @@ def main(argv=None):
     if args.sensitivity:
       sensitivity[folder] = text_sensitivity(loaded, captions[:16], args.seed)
 
-  print(f"\n{args.num} held-out full captions, one sample each; evaluator top-1 accuracy\n")
+  what = "captions naming an instance" if args.named else "full captions"
+  print(f"\n{args.num} held-out {what}, one sample each; evaluator top-1 accuracy\n")
   print("| cascade | images | " + " | ".join(LABELS) + " |")
   print("| --- | --- | " + " | ".join("---" for _ in LABELS) + " |")
   for name, what, acc in rows:

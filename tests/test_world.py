@@ -18,7 +18,7 @@ from PIL import Image
 
 from conftest import REPO, subprocess_env
 from dreambooth_jax.world import scene as world
-from dreambooth_jax.world import subjects, vocab
+from dreambooth_jax.world import instances, subjects, vocab
 
 
 def _object_mask(s: world.Scene, size: int = 64, threshold: float = 24.0) -> np.ndarray:
@@ -117,6 +117,57 @@ def test_pretraining_captions_mix_styles():
   assert sum(c in ("a ball", "a box", "a cone", "a ring", "a cup") for c in captions) > 5
   assert sum(c.startswith("a photo of") for c in captions) > 5
   assert sum(any(p in c for p in vocab.CONTEXTS.values()) for c in captions) > 200
+
+
+def test_named_instances_are_captioned_by_name_in_a_share_of_examples():
+  """`named` turns that share of examples into named instances, each always its own look,
+  captioned in DreamBooth's prompt shapes; the rest of the stream is untouched."""
+  plain = [world.scene_at(1, i) for i in range(600)]
+  named = [world.scene_at(1, i, named=0.3) for i in range(600)]
+  assert [world.scene_at(1, i, named=0.0) for i in range(50)] == plain[:50]
+  changed = [(n, p) for n, p in zip(named, plain) if n != p]
+  assert 0.24 < len(changed) / 600 < 0.36
+  assert all(n[0].name is not None for n, _ in changed)
+  assert all(n == p for n, p in zip(named, plain) if n[0].name is None)
+  seen = set()
+  for (s, style), (before, _) in changed:
+    inst = instances.get(s.name)
+    assert (s.cls, s.colour, s.pattern, s.size) == (inst.cls, inst.colour, inst.pattern, inst.size)
+    assert s.context == before.context and not s.is_subject_look
+    text = world.caption(s, style)
+    assert text in (f"a {s.name} {s.cls} {vocab.CONTEXTS[s.context]}", f"a {s.name} {s.cls}",
+                    f"a photo of a {s.name} {s.cls}"), text
+    assert world.labels(s)["subject"] == -1
+    seen.add((s.name, style))
+  assert {n for n, _ in seen} == set(instances.NAMES)
+  assert {st for _, st in seen} == set(instances.NAMED_STYLES)
+  image, text, s = world.example_at(1, next(i for i, (n, p) in enumerate(zip(named, plain)) if n != p),
+                                    32, named=0.3)
+  assert image.shape == (32, 32, 3) and s.name in text.split()
+  with pytest.raises(ValueError, match="needs a named instance"):
+    world.caption(plain[0][0], "name")
+
+
+def test_instance_names_are_rare_tokens_outside_the_world_identifiers_range():
+  """Each name is one piece of the world's tokenizer in NAME_ID_RANGE, and the looks are
+  distinct pretraining looks, so a name teaches routing, not a subject; DreamBooth on the
+  world draws its identifier from the other half of the range."""
+  from dreambooth_jax import identifiers
+  from dreambooth_jax.tokenizer import Tokenizer
+  tok = Tokenizer.from_pretrained(str(REPO / "dreambooth_jax" / "assets" / "tiny_t5" / "spiece.model"))
+  lo, hi = instances.NAME_ID_RANGE
+  for name in instances.NAMES:
+    ids = [int(i) for i in tok([f"a {name} ball"])["input_ids"][0]]
+    plain = [int(i) for i in tok(["a ball"])["input_ids"][0]]
+    inserted = [i for i in ids if i not in plain]
+    assert len(inserted) == 1 and lo <= inserted[0] < hi, (name, ids)
+  looks = [(i.cls, i.colour, i.pattern, i.size) for i in instances.INSTANCES]
+  assert len(set(looks)) == len(looks) and {i.cls for i in instances.INSTANCES} == set(vocab.CLASSES)
+  assert all(i.pattern in vocab.PRETRAIN_PATTERNS for i in instances.INSTANCES)
+  assert instances.IDENTIFIER_ID_RANGE[0] >= hi
+  drawn = {str(identifiers.rare_token_identifier(tok, seed=s, id_range=instances.IDENTIFIER_ID_RANGE))
+           for s in range(20)}
+  assert not drawn & set(instances.NAMES)
 
 
 def _chroma(rgb):

@@ -2,11 +2,13 @@
 clear error it gives for a cascade folder that is not there (experiments/pretrain_world.py
 makes one)."""
 
+import json
 import time
 
 import pytest
 
 from conftest import REPO
+from dreambooth_jax.world import instances
 
 WORLD_CONFIG = REPO / "configs" / "world.py"
 
@@ -71,7 +73,8 @@ def test_pretrain_export_is_what_the_world_config_loads(tmp_path):
   """experiments/pretrain_world.py's export of a toy-width cascade set up with the UNets'
   text mask (its initial weights: compiling the pretraining step would cost CI a minute):
   the IF-layout export is a `cascade=` for configs/world.py, which follows the mask it
-  was trained with, and score_world_cascade.py samples and scores it."""
+  was trained with, score_world_cascade.py samples and scores it, and a continuation
+  starts from it."""
   import pretrain_world  # experiments/, on the path through pytest.ini
   import score_world_cascade
   from dreambooth_jax import pipeline
@@ -95,3 +98,18 @@ def test_pretrain_export_is_what_the_world_config_loads(tmp_path):
   moved = moved[str(out)]
   print("text sensitivity: " + ", ".join(f"t={t} {v:.4f}" for t, v in moved.items()))
   assert moved.keys() == {100, 500, 900} and all(0.3 < v < 3.0 for v in moved.values())
+  # A continuation starts from an export (--init_export): the UNets and T5 it writes back are
+  # the ones it loaded, and an export trained with named instances says which names it used.
+  again = tmp_path / "again"
+  pretrain_world.main([f"--workdir={tmp_path / 'run2'}", "--base_channels=16", "--sr_channels=8",
+                       "--text_mask", f"--init_export={out}", "--named=0.3", "--export_only",
+                       f"--export={again}"])
+  for part in ("IF-I/unet", "IF-II/unet", "IF-I/text_encoder"):
+    first, second = (sorted((d / part).glob("*.safetensors")) for d in (out, again))
+    assert [f.read_bytes() for f in first] == [f.read_bytes() for f in second], part
+  trained = json.loads((again / "world_cascade.json").read_text())
+  assert trained["instance_names"] == list(instances.NAMES) and trained["named_fraction"] == 0.3
+  assert world_config(f"cascade={again}").subject.identifier_id_range == instances.IDENTIFIER_ID_RANGE
+  # --named scores the names: every instance in turn, captioned by its name alone.
+  named = score_world_cascade.named_scenes(len(instances.NAMES))
+  assert [s.name for s in named] == list(instances.NAMES)

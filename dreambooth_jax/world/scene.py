@@ -28,7 +28,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from dreambooth_jax.world import backgrounds, objects, vocab
+from dreambooth_jax.world import backgrounds, instances, objects, vocab
 
 SUPERSAMPLE = 4
 MIN_DRAW_SIZE = 64
@@ -48,7 +48,8 @@ class Pose:
 
 @dataclasses.dataclass(frozen=True)
 class Scene:
-  """One image of the world. `colour2`, `split`, `ink` and `subject` are for subjects only."""
+  """One image of the world. `colour2`, `split`, `ink` and `subject` are for subjects only;
+  `name` is a named instance's (instances.py), which captions may call it by."""
   cls: str
   colour: str
   pattern: str
@@ -62,6 +63,7 @@ class Scene:
   split: str | None = None
   ink: str | None = None
   subject: str | None = None
+  name: str | None = None
 
   @property
   def caption(self) -> str:
@@ -117,29 +119,53 @@ def example_rng(seed: int, index: int) -> np.random.Generator:
   return np.random.default_rng([seed, index])
 
 
-def scene_at(seed: int, index: int) -> tuple[Scene, str]:
-  """Pretraining example `index` of `seed`: its scene and its caption style."""
+def _choose(rng: np.random.Generator, shares: dict[str, float]) -> str:
+  names = tuple(shares)
+  return names[rng.choice(len(names), p=np.asarray(tuple(shares.values())))]
+
+
+def named_scene(rng: np.random.Generator, inst: instances.Instance, context: str) -> Scene:
+  """A scene of the named instance `inst` in `context`, posed afresh."""
+  horizon = float(rng.uniform(*backgrounds.HORIZON[context]))
+  pose = random_pose(rng, inst.cls, context, inst.size, horizon)
+  return Scene(cls=inst.cls, colour=inst.colour, pattern=inst.pattern, size=inst.size,
+               context=context, pose=pose, horizon=horizon, light=float(rng.uniform(-1, 1)),
+               bg_seed=int(rng.integers(2**31)), name=inst.name)
+
+
+def scene_at(seed: int, index: int, named: float = 0.0) -> tuple[Scene, str]:
+  """Pretraining example `index` of `seed`: its scene and its caption style.
+
+  With probability `named` the example is a named instance (instances.py) in the
+  drawn scene's context, captioned by its name. That draw has a Generator of its
+  own, so `named=0` gives every example exactly as before names existed.
+  """
   rng = example_rng(seed, index)
   scene = sample_scene(rng)
-  styles = tuple(vocab.CAPTION_STYLES)
-  style = styles[rng.choice(len(styles), p=np.asarray(tuple(vocab.CAPTION_STYLES.values())))]
+  style = _choose(rng, vocab.CAPTION_STYLES)
+  if named > 0:
+    own = np.random.default_rng([seed, index, 1])
+    if own.random() < named:
+      inst = instances.INSTANCES[own.integers(len(instances.INSTANCES))]
+      return named_scene(own, inst, scene.context), _choose(own, instances.NAMED_STYLES)
   return scene, style
 
 
-def example_at(seed: int, index: int, size: int = 64) -> tuple[np.ndarray, str, Scene]:
-  """(image, caption, scene) of pretraining example `index` of `seed`."""
-  scene, style = scene_at(seed, index)
+def example_at(seed: int, index: int, size: int = 64,
+               named: float = 0.0) -> tuple[np.ndarray, str, Scene]:
+  """(image, caption, scene) of pretraining example `index` of `seed` (`named`: scene_at's)."""
+  scene, style = scene_at(seed, index, named)
   return render(scene, size), caption(scene, style), scene
 
 
-def pretraining_examples(seed: int, size: int = 64,
-                         start: int = 0) -> Iterator[tuple[np.ndarray, str, Scene]]:
+def pretraining_examples(seed: int, size: int = 64, start: int = 0,
+                         named: float = 0.0) -> Iterator[tuple[np.ndarray, str, Scene]]:
   """Endless (image uint8 [size, size, 3], caption, scene), deterministic per seed.
 
-  `start` resumes at an example index; example i is `example_at(seed, i, size)`.
+  `start` resumes at an example index; example i is `example_at(seed, i, size, named)`.
   """
   for index in itertools.count(start):
-    yield example_at(seed, index, size)
+    yield example_at(seed, index, size, named)
 
 
 # ----------------------------------------------------------------------------
@@ -169,7 +195,14 @@ def caption(scene: Scene, style: str = "full") -> str:
     return vocab.with_article(noun)
   if style == "photo":
     return f"a photo of {vocab.with_article(noun)}"
-  raise ValueError(f"unknown caption style {style!r}; known: {sorted(vocab.CAPTION_STYLES)}")
+  if style.startswith("name"):
+    if scene.name is None:
+      raise ValueError(f"caption style {style!r} needs a named instance; this scene has no name")
+    named = instances.get(scene.name).phrase()
+    return {"name_context": f"{named} {where}", "name": named,
+            "name_photo": f"a photo of {named}"}[style]
+  raise ValueError(f"unknown caption style {style!r}; known: "
+                   f"{sorted(vocab.CAPTION_STYLES) + sorted(instances.NAMED_STYLES)}")
 
 
 LABEL_NAMES = ("class", "colour", "colour2", "pattern", "size", "context", "subject_look",
