@@ -13,7 +13,11 @@ a tiny T5 encoder. By default T5 stays frozen at its random init, as IF's T5-XXL
 stays frozen: its features tell captions apart and the UNets learn what they mean.
 `--text_lr` trains it with the UNets instead (its own Adam, its own EMA), for a
 UNet whose samples follow their captions more than random features teach it to;
-`--init_from` starts such a run from a frozen-T5 run's checkpoint. Epsilon loss on
+`--init_from` starts such a run from a frozen-T5 run's checkpoint, `--init_export` any
+run from an exported cascade. `--named=0.3` makes that share of the examples named
+instances captioned by name ("a zm box on the beach"; dreambooth_jax/world/instances.py),
+so pretraining rewards reading an unseen word as a look, as DreamBooth's identifier
+needs. Epsilon loss on
 the first half of IF's 6-channel output; captions are dropped 10% of the time
 so classifier-free guidance works; an EMA of the weights, its random start taken
 out (`averaged`), is what is sampled and exported.

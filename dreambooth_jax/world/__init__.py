@@ -11,6 +11,7 @@ shows. Every image is drawn from a `Scene`, so it comes with exact labels.
   backgrounds.py   one painter per context
   objects.py       the objects' surfaces, patterns and shading
   subjects.py      the subjects, their photos, write_subject_folder
+  instances.py     named instances: pretraining objects a caption calls by a name
   tfds_builder.py  a tensorflow-datasets builder (optional extra `world`; imported on its own)
   evaluator.py     a small trained classifier of the world's labels (jax/flax), shipped in
                    assets/world_evaluator.safetensors; the world protocol scores with it

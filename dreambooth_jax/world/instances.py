@@ -9,7 +9,7 @@ preservation fitted a subject's photos through the image, not the identifier
 t=950). A named instance puts the skill into pretraining: an ordinary object (one
 colour, a pretraining pattern, a size) that always looks the same and is captioned
 by its name in place of its attribute words, in the DreamBooth prompt's shape:
-"a zm ball on the beach", "a photo of a zm ball".
+"a zm box on the beach", "a photo of a zm box".
 
 The names are single rare tokens of the world's tokenizer (`assets/tiny_t5`)
 from `NAME_ID_RANGE`, chosen by the identifier rule (`identifiers.
@@ -35,9 +35,9 @@ _SEED = 20260127  # the instances' looks: changing it changes what every name me
 
 # Caption styles of a named example and their shares: DreamBooth's prompt shapes.
 NAMED_STYLES = {
-    "name_context": 0.5,  # a zm ball on the beach
-    "name": 0.25,         # a zm ball
-    "name_photo": 0.25,   # a photo of a zm ball
+    "name_context": 0.5,  # a zm box on the beach
+    "name": 0.25,         # a zm box
+    "name_photo": 0.25,   # a photo of a zm box
 }
 
 
@@ -51,7 +51,7 @@ class Instance:
   size: str
 
   def phrase(self) -> str:
-    """'a zm ball': always 'a', as DreamBooth's 'a [V] [class noun]' prompts."""
+    """'a zm box': always 'a', as DreamBooth's 'a [V] [class noun]' prompts."""
     return f"a {self.name} {self.cls}"
 
 
