@@ -144,10 +144,11 @@ def build(args):
   tok = Tokenizer.from_pretrained(str(TOKENIZER))
   t5_cfg = t5_lib.T5Config(vocab_size=-(-tok.vocab_size // 128) * 128, d_model=T5_WIDTH, d_kv=16,
                            d_ff=128, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu")
-  t5 = random_init(nnx.eval_shape(lambda: t5_lib.T5EncoderModel(t5_cfg, rngs=KeyGen(0))), args.seed + 7)
   if args.init_export:  # the export's T5 (fp16-rounded), which its users encode with
     t5 = load_t5_encoder(str(pathlib.Path(args.init_export) / "IF-I" / "text_encoder"), jnp.float32,
                          variant="fp16")
+  else:
+    t5 = random_init(nnx.eval_shape(lambda: t5_lib.T5EncoderModel(t5_cfg, rngs=KeyGen(0))), args.seed + 7)
   stages, params = {}, {}
   for i, (name, d) in enumerate(unet_configs(args.base_channels, args.sr_channels).items()):
     cfg = UNetConfig.from_diffusers(d, source=f"world {name}")

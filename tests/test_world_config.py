@@ -101,8 +101,9 @@ def test_pretrain_export_is_what_the_world_config_loads(tmp_path):
   # A continuation starts from an export (--init_export): the UNets and T5 it writes back are
   # the ones it loaded, and an export trained with named instances says which names it used.
   again = tmp_path / "again"
+  # Another --seed: a run that ignored --init_export would write other random weights.
   pretrain_world.main([f"--workdir={tmp_path / 'run2'}", "--base_channels=16", "--sr_channels=8",
-                       "--text_mask", f"--init_export={out}", "--named=0.3", "--export_only",
+                       "--seed=1", "--text_mask", f"--init_export={out}", "--named=0.3", "--export_only",
                        f"--export={again}"])
   for part in ("IF-I/unet", "IF-II/unet", "IF-I/text_encoder"):
     first, second = (sorted((d / part).glob("*.safetensors")) for d in (out, again))

@@ -50,10 +50,6 @@ class Instance:
   pattern: str
   size: str
 
-  def phrase(self) -> str:
-    """'a zm box': always 'a', as DreamBooth's 'a [V] [class noun]' prompts."""
-    return f"a {self.name} {self.cls}"
-
 
 def _instances() -> tuple[Instance, ...]:
   rng = np.random.default_rng(_SEED)

@@ -198,7 +198,7 @@ def caption(scene: Scene, style: str = "full") -> str:
   if style.startswith("name"):
     if scene.name is None:
       raise ValueError(f"caption style {style!r} needs a named instance; this scene has no name")
-    named = instances.get(scene.name).phrase()
+    named = f"a {scene.name} {noun}"  # always 'a', as DreamBooth's 'a [V] [class noun]'
     return {"name_context": f"{named} {where}", "name": named,
             "name_photo": f"a photo of {named}"}[style]
   raise ValueError(f"unknown caption style {style!r}; known: "
