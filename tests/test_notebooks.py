@@ -3,9 +3,11 @@
 Each notebook is executed with nbclient in a python3 kernel of this interpreter
 (it inherits conftest's environment: 8 fake CPU devices, the persistent
 compilation cache). Its first cell holds the parameters; the test appends
-overrides to it: the workdirs are COPIES of the session's tiny finished runs
-(`full_run`, `method_runs`), so the notebooks' train cells resume them and only
-re-export, and everything after runs at smoke sizes.
+overrides to it. dreambooth_tpu runs on its default, the pretrained world cascade,
+at smoke sizes (`configs/world.py:runlocal`), evaluated by the world protocol.
+compare_methods runs on the tiny random config, the DreamBooth protocol and the
+benchmark: its workdirs are COPIES of the session's tiny finished runs (`full_run`,
+`method_runs`), so its train cell resumes them and only re-exports.
 """
 
 import json
@@ -104,34 +106,39 @@ def _copy(src, dst: pathlib.Path) -> str:
   return str(dst)
 
 
-def test_dreambooth_notebook_runs_top_to_bottom(full_run, dataset_dir, tmp_path):
-  workdir = _copy(full_run[0], tmp_path / "dog")
+def test_dreambooth_notebook_runs_top_to_bottom(tmp_path):
+  # Its defaults: the pretrained world cascade learns zigzag_ball, scored by the world
+  # protocol. At smoke sizes (runlocal: 4 steps, 2-step samplers) it trains from scratch,
+  # on one of the 8 fake devices (sharding the toy arrays 8 ways only slows the CPU).
+  workdir = str(tmp_path / "world")
   nb = _execute(_notebook("dreambooth_tpu.ipynb"), dict(
-      WORKDIR=workdir, CONFIG=SMOKE_CONFIG, DATASET_DIR=str(dataset_dir), NUM_PROMPTS=1,
-      NUM_IMAGES=2, PROMPTS=["a [V] dog on the beach"]), cwd=NOTEBOOKS)
+      WORKDIR=workdir, CONFIG="configs/world.py:runlocal", NUM_IMAGES=2,
+      MESH={"data": 1, "fsdp": 1, "tensor": 1}), cwd=NOTEBOOKS)
   out = _text(nb)
-  assert "TINY RANDOM default" in out and "already importable" in out
-  assert "resumed from" in out and "re-running this cell resumes" in out
-  assert "SCORES ARE MEANINGLESS" in out and "| Real images |" in out
-  assert "| dreambooth (dog) |" in out and "dreambooth.json" in out
+  assert "already importable" in out and "re-running this cell resumes" in out
+  assert "weights: the config's own" in out and "world_cascade/IF-I" in out
+  assert "the subject is a ball" in out and "5 photos in" in out and "zigzag_ball" in out
+  assert "| Real (world renders) |" in out and "| dreambooth (world) |" in out
+  assert "dreambooth.json" in out
   assert _images(nb) >= 5  # photos, training grid, samples, two evaluation grids
-  info = json.loads((tmp_path / "dog" / "export" / "dreambooth.json").read_text())
-  assert (tmp_path / "dog" / "export" / "base" / "config.json").is_file()
+  info = json.loads((tmp_path / "world" / "export" / "dreambooth.json").read_text())
+  assert (tmp_path / "world" / "export" / "base" / "config.json").is_file()
   assert info["method"] == "dreambooth" and info["identifier"] in out
-  report = json.loads((tmp_path / "dog" / "eval" / "report.json").read_text())
+  report = json.loads((tmp_path / "world" / "eval" / "report.json").read_text())
   assert [r["method"] for r in report["rows"]] == ["real", "dreambooth"]
+  assert report["settings"]["protocol"] == "world"
 
 
 def test_compare_methods_notebook_runs_top_to_bottom(full_run, method_runs, dataset_dir, tmp_path):
   workdirs = {"dreambooth": _copy(full_run[0], tmp_path / "dreambooth")}
   workdirs.update({m: _copy(w, tmp_path / m) for m, w in method_runs.items()})
   nb = _execute(_notebook("compare_methods.ipynb"), dict(
-      BASE_DIR=str(tmp_path), WORKDIRS=workdirs, CONFIG=SMOKE_CONFIG, DATASET_DIR=str(dataset_dir),
-      NUM_PROMPTS=1, NUM_IMAGES=2, GRID_PROMPTS=["a [V] dog on the beach", "a dog on the beach"]),
+      BASE_DIR=str(tmp_path), WORKDIRS=workdirs, CONFIG=SMOKE_CONFIG, EVAL_SUBJECT="dog",
+      DATASET_DIR=str(dataset_dir), NUM_PROMPTS=1, NUM_IMAGES=2, GRID_PROMPTS=["a [V] dog on the beach", "a dog on the beach"]),
       cwd=NOTEBOOKS)
   out = _text(nb)
   assert out.count("resumed from") == 3
-  assert "SCORES ARE MEANINGLESS" in out
+  assert "TINY RANDOM" in out and "SCORES ARE MEANINGLESS" in out
   for m in ("dreambooth", "textual_inversion", "ti_then_finetune"):
     assert f"| {m} ({m}) |" in out
   assert (tmp_path / "side_by_side.png").is_file() and _images(nb) >= 1
