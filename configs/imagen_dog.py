@@ -39,10 +39,12 @@ from dreambooth_jax import config_lib
 def _stage(resolution, guidance, steps, *, sample_aug=0.25, train_aug=1e-5):
   # weighting: the fine-tuning loss over noise levels, as the UNet was pretrained
   # ('uniform' epsilon MSE for IF; see diffusion.loss_weight for 'min_snr' and 'v').
+  # colour_fix (SR stages): keep the low-res input's colours (cascade.keep_lowres_colours);
+  # off, as IF's pipeline samples.
   return ml_collections.ConfigDict(dict(
       resolution=resolution, guidance_scale=guidance, num_steps=steps, sampler="ddpm",
       sample_aug_level=sample_aug, train_aug_level=train_aug, weighting="uniform",
-      min_snr_gamma=5.0))
+      min_snr_gamma=5.0, colour_fix=False))
 
 
 def get_config(arg=None):

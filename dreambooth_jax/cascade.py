@@ -74,6 +74,10 @@ class StageSettings:
   # attention mask to T5 only, never to the UNet, and DeepFloyd trained that way.
   # True masks padded tokens out of the UNet's attention (for models trained so).
   text_mask: bool = False
+  # SR only, off as in IF: replace the sample's low frequencies by its input's
+  # (`keep_lowres_colours`). For SR UNets too small to have learned them: an epsilon loss
+  # gives an image's mean colour ~1/(H*W) of its weight, and the tiny world SR drifts.
+  colour_fix: bool = False
 
 
 class Stage:
@@ -209,9 +213,10 @@ class Stage:
   def sample(self, params, cond: Mapping[str, Array], uncond: Mapping[str, Array] | None,
              rng: Array, *, lowres: Array | None = None, guidance_scale=None,
              num_steps: int | None = None, aug_level=None, mesh=None, sampler: str | None = None,
-             **sample_kw) -> Array:
+             colour_fix: bool | None = None, **sample_kw) -> Array:
     """Images [B, r, r, C] in [-1, 1]. SR stages need `lowres`, the previous stage's output.
-    `sampler` replaces the settings' (e.g. a faster solver for in-loop evaluation)."""
+    `sampler` replaces the settings' (e.g. a faster solver for in-loop evaluation), and
+    `colour_fix` the settings' `colour_fix`."""
     s = self.settings
     b = cond["text"].shape[0]
     cond, uncond = dict(cond), (dict(uncond) if uncond is not None else None)
@@ -222,11 +227,24 @@ class Stage:
       cond["lowres"], cond["aug"] = self.lowres_input(lowres, rng_low, aug_level)
       if uncond is not None:
         uncond["lowres"], uncond["aug"] = cond["lowres"], cond["aug"]
-    return samplers.sample(
+    x = samplers.sample(
         Partial(self.apply, params), self.schedule, (b, s.resolution, s.resolution, self.channels),
         rng_sample, cond, uncond, num_steps=num_steps or s.num_steps,
         guidance_scale=s.guidance_scale if guidance_scale is None else guidance_scale,
         sampler=sampler or s.sampler, eta=s.eta, config=self.step_config, mesh=mesh, **sample_kw)
+    if self.is_sr and (s.colour_fix if colour_fix is None else colour_fix):
+      x = keep_lowres_colours(x, lowres)
+    return x
+
+
+def keep_lowres_colours(x: Array, lowres: Array) -> Array:
+  """`x` [B, R, R, C] with its low frequencies replaced by `lowres`' [B, r, r, C]:
+  x + up(lowres - down(x)), clipped to [-1, 1] (down: the antialiased resize training
+  makes low-res inputs with; up: IF's bilinear). The colour fix of SR pipelines such as
+  StableSR: the SR stage keeps its input's colours and adds only detail."""
+  low = diffusion.downsample(x, lowres.shape[1:3])
+  up = diffusion.upsample_bilinear(lowres.astype(jnp.float32) - low, x.shape[1:3])
+  return jnp.clip(x.astype(jnp.float32) + up, -1.0, 1.0).astype(x.dtype)
 
 
 def to_uint8(images: Array) -> np.ndarray:
@@ -276,7 +294,8 @@ class Cascade:
              num_steps: Mapping[str, int] | None = None,
              aug_level: Mapping[str, float] | None = None, mesh=None,
              as_uint8: bool = True, prompts: str | Sequence[str] | None = None,
-             sampler: Mapping[str, str] | None = None) -> dict[str, Any]:
+             sampler: Mapping[str, str] | None = None,
+             colour_fix: Mapping[str, bool] | None = None) -> dict[str, Any]:
     """Runs the cascade; returns {stage name: images} for every stage run.
 
     prompt_embeddings / uncond_embeddings: {"text": [B or 1, L, D], "mask": [B or 1, L]};
@@ -291,6 +310,7 @@ class Cascade:
     sampler: {stage: 'ddpm' | 'ddim' | 'dpmpp_2m'} for the IF stages named (with
       `num_steps`: a faster solver than the settings' for in-loop evaluation); a stage
       with its own text encoder keeps its own sampler.
+    colour_fix: {SR stage: bool} instead of the settings' `colour_fix` (IF stages).
     Deterministic for a given rng: stage i uses fold_in(rng, i).
     """
     params = dict(params or {})  # stages not given run their own params, loaded on use
@@ -312,6 +332,8 @@ class Cascade:
         stage_cond, stage_uncond = stage.embed_pair(prompts, b, guided=uncond is not None)
       own = ({"sampler": sampler[stage.name]}  # the upscaler keeps its own
              if stage.name in (sampler or {}) and not own_encoder else {})
+      if stage.name in (colour_fix or {}) and not own_encoder:
+        own["colour_fix"] = colour_fix[stage.name]
       x = stage.sample(params[stage.name] if stage.name in params else stage.params, stage_cond,
                        stage_uncond, jax.random.fold_in(rng, i), lowres=lowres,
                        guidance_scale=(guidance_scale or {}).get(stage.name),

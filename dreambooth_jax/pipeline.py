@@ -271,6 +271,7 @@ def stage_settings(config, name: str) -> cascade_lib.StageSettings:
       # A config saved before these keys existed gets the dataclass's defaults.
       weighting=s.get("weighting", cascade_lib.StageSettings.weighting),
       min_snr_gamma=s.get("min_snr_gamma", cascade_lib.StageSettings.min_snr_gamma),
+      colour_fix=bool(s.get("colour_fix", False)),
       text_mask=bool(config.model.get("unet_text_mask", False)))
 
 

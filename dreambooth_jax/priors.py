@@ -78,7 +78,8 @@ RNG_RULE = ("batch k: jax.random.fold_in(jax.random.key(seed), k), passed to Cas
 # config's whole stage section can be passed) and dropped from the spec, so
 # changing them does not invalidate the cache.
 _IGNORED_KEYS = frozenset(f.name for f in dataclasses.fields(StageSettings)) - {
-    "resolution", "guidance_scale", "num_steps", "sampler", "eta", "sample_aug_level"}
+    "resolution", "guidance_scale", "num_steps", "sampler", "eta", "sample_aug_level",
+    "colour_fix"}
 
 
 class PriorsError(ValueError):
@@ -92,6 +93,7 @@ class StageSampling:
   aug_level: the noise-conditioning augmentation of an SR stage's low-res input
     (fraction of the 0..1000 scale, IF: 0.25); None for the base stage.
   resolution: optional; when given it is checked against the cascade.
+  colour_fix: an SR stage kept its input's colours (`cascade.keep_lowres_colours`).
   """
   num_steps: int
   guidance_scale: float
@@ -99,6 +101,7 @@ class StageSampling:
   eta: float = 0.0
   aug_level: float | None = None
   resolution: int | None = None
+  colour_fix: bool = False
 
   @classmethod
   def from_mapping(cls, name: str, m: Mapping[str, Any], *, is_base: bool) -> "StageSampling":
@@ -120,13 +123,23 @@ class StageSampling:
     out = cls(num_steps=int(m["num_steps"]), guidance_scale=float(m["guidance_scale"]),
               sampler=str(m.get("sampler") or "ddpm"), eta=float(m.get("eta") or 0.0),
               aug_level=None if aug is None else float(aug),
-              resolution=None if res is None else int(res))
+              resolution=None if res is None else int(res),
+              colour_fix=bool(m.get("colour_fix", False)) and not is_base)
     if out.sampler not in SAMPLERS:
       raise ValueError(f"stage {name!r}: sampler {out.sampler!r}; use 'ddpm' (ancestral), 'ddim' "
                        "or 'dpmpp_2m' (DPM-Solver++(2M))")
     if out.num_steps <= 0:
       raise ValueError(f"stage {name!r}: num_steps must be positive, got {out.num_steps}")
     return out
+
+
+def _sampling_dict(s: StageSampling) -> dict:
+  """What a manifest stores of a stage's sampling: `colour_fix` only when on, so the caches
+  written before it existed (all off) keep matching."""
+  d = dataclasses.asdict(s)
+  if not d["colour_fix"]:
+    del d["colour_fix"]
+  return d
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +201,8 @@ class PriorSpec:
     for stage in cascade.stages[:names.index(upto) + 1]:
       s = stage.settings
       d = dict(num_steps=s.num_steps, guidance_scale=s.guidance_scale, sampler=s.sampler, eta=s.eta,
-               aug_level=s.sample_aug_level if stage.is_sr else None, resolution=s.resolution)
+               aug_level=s.sample_aug_level if stage.is_sr else None, resolution=s.resolution,
+               colour_fix=s.colour_fix and stage.is_sr)
       for key, per_stage in overrides.items():
         if stage.name in per_stage:
           d[key] = per_stage[stage.name]
@@ -206,7 +220,7 @@ class PriorSpec:
   def to_dict(self) -> dict:
     """JSON-able: what the manifest stores."""
     return dict(prompt=self.prompt, num_images=self.num_images, stages=list(self.stages),
-                sampler={n: dataclasses.asdict(s) for n, s in self.sampler},
+                sampler={n: _sampling_dict(s) for n, s in self.sampler},
                 fingerprint=self.fingerprint, seed=self.seed, batch_size=self.batch_size)
 
   def cache_key(self) -> dict:
@@ -413,6 +427,7 @@ def generate_priors(cascade: Cascade, spec: PriorSpec, cond: Mapping[str, Any],
   num_steps = {n: s.num_steps for n, s in spec.sampler}
   guidance = {n: s.guidance_scale for n, s in spec.sampler}
   aug = {n: s.aug_level for n, s in spec.sampler if s.aug_level is not None}
+  colour_fix = {n: s.colour_fix for n, s in spec.sampler if s.aug_level is not None}
   key = jax.random.key(spec.seed)
   # A stage with a text encoder of its own (the x4 upscaler as stage III, its CLIP) reads the
   # class prompt as text; IF's stages keep the T5 embeddings given.
@@ -423,7 +438,7 @@ def generate_priors(cascade: Cascade, spec: PriorSpec, cond: Mapping[str, Any],
       images = cascade.sample(cond, jax.random.fold_in(key, k), uncond_embeddings=uncond,
                               batch_size=spec.batch_size, upto=spec.stages[-1],
                               guidance_scale=guidance, num_steps=num_steps, aug_level=aug, mesh=mesh,
-                              **texts)
+                              colour_fix=colour_fix, **texts)
       first, last = k * spec.batch_size, min((k + 1) * spec.batch_size, spec.num_images)
       if lead:
         for i in range(first, last):

@@ -10,6 +10,8 @@ cascade samples one image per caption exactly as a world DreamBooth run does
 cascade); the evaluator reads class, colour, pattern, size and context off each
 base (32 px) and SR (64 px) sample. The same scenes rendered by the world itself
 give the evaluator's own accuracy, the ceiling; chance is 1 / number of values.
+The SR stage is also scored alone, on the world's own 32 px renders as its low-res
+input, with how far it moves its input's mean colour: what it loses there is its own.
 
 This is what pretraining is judged by before a DreamBooth run can mean anything:
 a cascade that ignores colour words cannot learn a two-tone subject.
@@ -61,15 +63,21 @@ def accuracies(evaluator, images: np.ndarray, scenes) -> dict[str, float]:
   return {k: acc[k] for k in LABELS}
 
 
-def load(cascade_dir: str, sampler: str = "", steps: int = 0, sr_aug: float = -1.0):
+def load(cascade_dir: str, sampler: str = "", steps: int = 0, sr_aug: float = -1.0,
+         sr_guidance: float = -1.0, sr_colour_fix: int = -1):
   """(models, T5, mesh) of the cascade at `cascade_dir`, built as configs/world.py builds it,
-  with its sampler, steps and SR augmentation level unless given; on one device."""
+  with its sampler, steps, SR augmentation level, guidance and colour fix unless given; on
+  one device."""
   config = world_config.get_config(f"cascade={cascade_dir}")
   for name in ("base", "sr256"):
     config.cascade[name].sampler = sampler or config.cascade[name].sampler
     config.cascade[name].num_steps = steps or config.cascade[name].num_steps
   if sr_aug >= 0:
     config.cascade.sr256.sample_aug_level = sr_aug
+  if sr_guidance >= 0:
+    config.cascade.sr256.guidance_scale = sr_guidance
+  if sr_colour_fix >= 0:
+    config.cascade.sr256.colour_fix = bool(sr_colour_fix)
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
   models = pipeline.build(config, mesh)
   return models, models.load_t5(), mesh
@@ -86,6 +94,27 @@ def sample(loaded, captions: list[str], seed: int) -> dict[str, np.ndarray]:
   cond, uncond = _encode(models, t5, captions)
   return models.cascade.sample(cond, jax.random.key(seed), uncond_embeddings=uncond,
                                batch_size=len(captions), mesh=mesh)
+
+
+def sr_on_renders(loaded, captions: list[str], renders32: np.ndarray, seed: int) -> np.ndarray:
+  """uint8 [N, 64, 64, 3]: the SR stage alone, its low-res input the world's own 32 px
+  renders instead of the base's samples. What it loses here is the SR stage's fault alone."""
+  models, t5, mesh = loaded
+  cond, uncond = _encode(models, t5, captions)
+  n = len(captions)
+  uncond = jax.tree.map(lambda v: np.repeat(np.asarray(v), n, 0), uncond)
+  stage = models.cascade.by_name["sr256"]
+  lowres = renders32.astype(np.float32) / 127.5 - 1
+  x = stage.sample(stage.params, cond, uncond, jax.random.key(seed), lowres=lowres, mesh=mesh)
+  return np.asarray(jax.numpy.clip(jax.numpy.round((x + 1) * 127.5), 0, 255)).astype(np.uint8)
+
+
+def colour_shift(images: np.ndarray, reference: np.ndarray) -> float:
+  """Mean over images of |mean colour - the reference's| (0..255 per channel, averaged):
+  a super-resolution stage should keep its input's colours."""
+  a = images.astype(np.float32).mean(axis=(1, 2))
+  b = reference.astype(np.float32).mean(axis=(1, 2))
+  return float(np.abs(a - b).mean())
 
 
 def text_sensitivity(loaded, captions: list[str], seed: int, timesteps=(100, 500, 900)
@@ -119,6 +148,11 @@ def main(argv=None):
   p.add_argument("--steps", type=int, default=0, help="instead of configs/world.py's (25)")
   p.add_argument("--sr_aug", type=float, default=-1.0,
                  help="the SR stage's sampling augmentation level instead of configs/world.py's (0.25)")
+  p.add_argument("--sr_guidance", type=float, default=-1.0,
+                 help="the SR stage's guidance scale instead of configs/world.py's (4)")
+  p.add_argument("--sr_colour_fix", type=int, default=-1, choices=(-1, 0, 1),
+                 help="1/0: the SR stage keeps its input's colours or not, instead of "
+                      "configs/world.py's (1)")
   p.add_argument("--sensitivity", action="store_true",
                  help="also print how much the caption moves the base UNet's epsilon (cond vs \"\")")
   p.add_argument("--named", action="store_true",
@@ -135,12 +169,16 @@ def main(argv=None):
   chance = {k: 1 / len(evaluator.label_values[k]) for k in LABELS}
   rows = [("chance", "-", chance), ("world images (ceiling)", "64 px", accuracies(evaluator, real["sr256"], scenes)),
           ("world images (ceiling)", "32 px", accuracies(evaluator, real["base"], scenes))]
-  grid, sensitivity = [], {}
+  grid, sensitivity, shifts = [], {}, {}
   for folder in args.cascade:
-    loaded = load(folder, args.sampler, args.steps, args.sr_aug)
+    loaded = load(folder, args.sampler, args.steps, args.sr_aug, args.sr_guidance,
+                  args.sr_colour_fix)
     out = sample(loaded, captions, args.seed)
     for stage, size in (("base", "32 px"), ("sr256", "64 px")):
       rows.append((folder, f"{stage} {size}", accuracies(evaluator, out[stage], scenes)))
+    alone = sr_on_renders(loaded, captions, real["base"], args.seed)
+    rows.append((folder, "sr256 64 px on the 32 px renders", accuracies(evaluator, alone, scenes)))
+    shifts[folder] = (colour_shift(out["sr256"], out["base"]), colour_shift(alone, real["sr256"]))
     grid += [(f"{pathlib.Path(folder).name}: {captions[i]}", {k: v[i:i + 1] for k, v in out.items()})
              for i in range(min(8, args.num))]
     if args.sensitivity:
@@ -152,6 +190,12 @@ def main(argv=None):
   print("| --- | --- | " + " | ".join("---" for _ in LABELS) + " |")
   for name, what, acc in rows:
     print(f"| {name} | {what} | " + " | ".join(f"{acc[k]:.2f}" for k in LABELS) + " |")
+  print("\n| cascade | SR colour shift from its base sample | SR colour shift on the renders |\n"
+        "| --- | --- | --- |")
+  for folder, (cascade, renders) in shifts.items():
+    print(f"| {folder} | {cascade:.1f} | {renders:.1f} |")
+  print(f"(mean |mean colour - its input's|, 0..255; the 32 px renders against their 64 px "
+        f"originals: {colour_shift(real['base'], real['sr256']):.1f})")
   if args.sensitivity:
     print("\n| cascade | " + " | ".join(f"|eps(c) - eps('')| / |eps('')| at t={t}" for t in (100, 500, 900))
           + " |\n| --- |" + " --- |" * 3)

@@ -1,5 +1,7 @@
 """Cascade stages with real (tiny) IF UNets against the diffusers IF pipeline procedure."""
 
+import copy
+import dataclasses
 import json
 
 import diffusers.schedulers.scheduling_ddpm as ddpm_module
@@ -135,6 +137,38 @@ def test_cascade_sample_every_stage_deterministic(tiny):
   only_base = casc.sample(tiny["cond"], jax.random.key(0), upto="base", **kw)
   assert list(only_base) == ["base"]
   np.testing.assert_array_equal(only_base["base"], a["base"])
+
+
+def test_colour_fix_keeps_the_lowres_input_and_the_detail():
+  rs = np.random.RandomState(3)
+  # A smooth low-res image, as a base stage's sample is next to pixel noise.
+  lowres = diffusion.upsample_bilinear(
+      jnp.asarray(rs.uniform(-0.8, 0.8, (2, 4, 4, 3)), jnp.float32), (16, 16))
+  # An SR sample whose colours drifted (a constant cast, as the tiny world SR's) over detail.
+  detail = jnp.asarray(rs.uniform(-0.1, 0.1, (2, 32, 32, 3)), jnp.float32)
+  good = diffusion.upsample_bilinear(lowres, (32, 32)) + detail
+  drifted = good + jnp.asarray([0.3, -0.2, 0.1])
+  fixed = cascade.keep_lowres_colours(drifted, lowres)
+  err = lambda x: float(jnp.abs(diffusion.downsample(x, 16) - lowres).mean())
+  print(f"|down(x) - lowres|: drifted {err(drifted):.4f}, fixed {err(fixed):.4f}, "
+        f"good {err(good):.4f}")
+  assert err(drifted) > 0.15 and err(fixed) < err(good) + 0.01
+  # The cast is gone and the detail kept: the fix moves a drifted sample back to the good one.
+  assert float(jnp.abs(fixed - good).mean()) < 0.05 < 0.15 < float(jnp.abs(drifted - good).mean())
+
+
+def test_colour_fix_is_a_stage_setting_and_an_override(tiny):
+  sr = tiny["sr"]
+  lowres = jnp.asarray(np.random.RandomState(4).uniform(-1, 1, (B, 16, 16, 3)), jnp.float32)
+  kw = dict(lowres=lowres, num_steps=3)
+  off = sr.sample(sr.params, tiny["cond"], None, jax.random.key(0), **kw)
+  on = sr.sample(sr.params, tiny["cond"], None, jax.random.key(0), colour_fix=True, **kw)
+  np.testing.assert_allclose(on, cascade.keep_lowres_colours(off, lowres), atol=1e-6)
+  # The setting (configs/world.py turns it on for its SR stage) does what the override does.
+  sr_on = copy.copy(sr)
+  sr_on.settings = dataclasses.replace(sr.settings, colour_fix=True)
+  np.testing.assert_allclose(sr_on.sample(sr.params, tiny["cond"], None, jax.random.key(0), **kw),
+                             on, atol=1e-6)
 
 
 def test_sr_loss_sees_lowres_and_aug_level(tiny):

@@ -69,6 +69,23 @@ def test_a_stages_loss_weighting_comes_from_its_config():
   assert (settings.weighting, settings.min_snr_gamma) == ("v", 10.0)
 
 
+def test_the_world_sr_stage_keeps_its_inputs_colours_and_its_priors_say_so():
+  from configs import imagen_dog
+  from dreambooth_jax import pipeline, priors
+  config = world_config()
+  assert pipeline.stage_settings(config, "sr256").colour_fix
+  assert not pipeline.stage_settings(config, "base").colour_fix
+  assert not pipeline.stage_settings(imagen_dog.get_config("if"), "sr256").colour_fix  # IF's way
+  on = priors.StageSampling.from_mapping("sr256", dict(config.cascade.sr256), is_base=False)
+  off = priors.StageSampling.from_mapping("sr256", dict(config.cascade.sr256, colour_fix=False),
+                                          is_base=False)
+  # Priors drawn with the fix are another cache than without it; caches written before the
+  # setting existed (all without it) read back as "off".
+  assert on.colour_fix and not off.colour_fix and on != off
+  assert priors._sampling_dict(on)["colour_fix"] is True and "colour_fix" not in priors._sampling_dict(off)
+  assert priors.StageSampling.from_mapping("sr256", priors._sampling_dict(off), is_base=False) == off
+
+
 def test_pretrain_export_is_what_the_world_config_loads(tmp_path):
   """experiments/pretrain_world.py's export of a toy-width cascade set up with the UNets'
   text mask (its initial weights: compiling the pretraining step would cost CI a minute):
@@ -90,7 +107,8 @@ def test_pretrain_export_is_what_the_world_config_loads(tmp_path):
   t0 = time.time()
   rows, moved = score_world_cascade.main([f"--cascade={out}", "--num=2", "--steps=2", "--sensitivity"])
   print(f"score: {time.time() - t0:.1f} s")
-  assert [r[1] for r in rows] == ["-", "64 px", "32 px", "base 32 px", "sr256 64 px"]
+  assert [r[1] for r in rows] == ["-", "64 px", "32 px", "base 32 px", "sr256 64 px",
+                                 "sr256 64 px on the 32 px renders"]
   assert all(0.0 <= v <= 1.0 for r in rows for v in r[2].values())
   # The text-sensitivity probe, on the same loaded models: the caption moves an untrained
   # UNet's epsilon by about its own size (1.06 measured at t=500); a trained one learns
