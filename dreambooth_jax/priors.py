@@ -427,7 +427,7 @@ def generate_priors(cascade: Cascade, spec: PriorSpec, cond: Mapping[str, Any],
   num_steps = {n: s.num_steps for n, s in spec.sampler}
   guidance = {n: s.guidance_scale for n, s in spec.sampler}
   aug = {n: s.aug_level for n, s in spec.sampler if s.aug_level is not None}
-  colour_fix = {n: s.colour_fix for n, s in spec.sampler if s.aug_level is not None}
+  colour_fix = {n: s.colour_fix for n, s in spec.sampler}  # False for the base stage
   key = jax.random.key(spec.seed)
   # A stage with a text encoder of its own (the x4 upscaler as stage III, its CLIP) reads the
   # class prompt as text; IF's stages keep the T5 embeddings given.

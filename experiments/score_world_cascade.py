@@ -32,7 +32,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from configs import world as world_config  # noqa: E402
-from dreambooth_jax import embeddings, grids, pipeline, sharding  # noqa: E402
+from dreambooth_jax import cascade, embeddings, grids, pipeline, sharding  # noqa: E402
 from dreambooth_jax.world import evaluator as evaluator_lib  # noqa: E402
 from dreambooth_jax.world import instances  # noqa: E402
 from dreambooth_jax.world import scene as scene_lib  # noqa: E402
@@ -101,12 +101,11 @@ def sr_on_renders(loaded, captions: list[str], renders32: np.ndarray, seed: int)
   renders instead of the base's samples. What it loses here is the SR stage's fault alone."""
   models, t5, mesh = loaded
   cond, uncond = _encode(models, t5, captions)
-  n = len(captions)
-  uncond = jax.tree.map(lambda v: np.repeat(np.asarray(v), n, 0), uncond)
   stage = models.cascade.by_name["sr256"]
   lowres = renders32.astype(np.float32) / 127.5 - 1
-  x = stage.sample(stage.params, cond, uncond, jax.random.key(seed), lowres=lowres, mesh=mesh)
-  return np.asarray(jax.numpy.clip(jax.numpy.round((x + 1) * 127.5), 0, 255)).astype(np.uint8)
+  x = stage.sample(stage.params, cond, cascade.broadcast_cond(uncond, len(captions)),
+                   jax.random.key(seed), lowres=lowres, mesh=mesh)
+  return cascade.to_uint8(x)
 
 
 def colour_shift(images: np.ndarray, reference: np.ndarray) -> float:
@@ -192,8 +191,8 @@ def main(argv=None):
     print(f"| {name} | {what} | " + " | ".join(f"{acc[k]:.2f}" for k in LABELS) + " |")
   print("\n| cascade | SR colour shift from its base sample | SR colour shift on the renders |\n"
         "| --- | --- | --- |")
-  for folder, (cascade, renders) in shifts.items():
-    print(f"| {folder} | {cascade:.1f} | {renders:.1f} |")
+  for folder, (from_base, on_renders) in shifts.items():
+    print(f"| {folder} | {from_base:.1f} | {on_renders:.1f} |")
   print(f"(mean |mean colour - its input's|, 0..255; the 32 px renders against their 64 px "
         f"originals: {colour_shift(real['base'], real['sr256']):.1f})")
   if args.sensitivity:

@@ -154,7 +154,8 @@ def test_colour_fix_keeps_the_lowres_input_and_the_detail():
         f"good {err(good):.4f}")
   assert err(drifted) > 0.15 and err(fixed) < err(good) + 0.01
   # The cast is gone and the detail kept: the fix moves a drifted sample back to the good one.
-  assert float(jnp.abs(fixed - good).mean()) < 0.05 < 0.15 < float(jnp.abs(drifted - good).mean())
+  assert float(jnp.abs(fixed - good).mean()) < 0.05  # measured 0.023
+  assert float(jnp.abs(drifted - good).mean()) > 0.15  # 0.2: the cast
 
 
 def test_colour_fix_is_a_stage_setting_and_an_override(tiny):
