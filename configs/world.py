@@ -72,7 +72,7 @@ def get_config(arg=None):
                       tokenizer=str(world / "IF-I" / "tokenizer"))
 
   # The world cascade was pretrained at 32 and 64 px with guidance dropout 0.1. DDPM at 25
-  # steps: on 64 held-out captions (experiments/score_world_cascade.py) the packaged base
+  # steps: on 64 held-out captions (experiments/score_world_cascade.py) the step-11,500 base
   # drew the caption's class in 56% of samples, its context in 77%; DPM-Solver++ at 20,
   # 44% and 58%.
   for name, res, guidance in (("base", 32, 4.0), ("sr256", 64, 4.0)):
@@ -89,8 +89,9 @@ def get_config(arg=None):
   c.prior.update(num_images=2 if tiny_runs else 32, batch_size=2 if tiny_runs else 16)
   # DreamBooth: on the packaged cascade (zigzag_ball, base, prior weight 1) the subject's
   # look comes with steps at 1e-4: Subject 0.01 / 0.07 / 0.08 after 1000 / 2000 / 4000 steps
-  # on its first named-instance leg, 0.18 after 4000 on the packaged one; 2e-4 did worse
-  # (experiments/README.md, "Named instances").
+  # on its first named-instance leg, 0.18 after 4000 on the second, 0.38 on the third (the
+  # packaged one; 0.32 +- 0.21 over seeds 0-2); 2e-4 did worse (experiments/README.md,
+  # "Named instances").
   steps, lr = dict(dreambooth=(4000, 1e-4), textual_inversion=(400, 5e-3),
                    ti_then_finetune=(200, 5e-5))[arg.method]
   c.train.update(steps=4 if tiny_runs else (arg.steps if arg.steps > 0 else steps), lr=lr,
