@@ -91,9 +91,10 @@ def test_the_readmes_first_command(tmp_path):
   """The floor and ceiling at the config's default steps: the README's first command, as
   a user runs it (one device, both stages, 4000 steps, 32 class priors), then its second
   (`evaluate --protocol=world`, the last stage: 64 px). Measured values in the comments:
-  seed 0 on 2026-11-27 (experiments/README.md, "Quality floors"). A run that learns no
-  subject scores Subject 0.000-0.009 here (textual inversion, the two-stage method, a
-  common-word identifier: "Studies on the shipped cascade")."""
+  seed 0 on 2026-11-27 (experiments/README.md, "Quality floors"). Runs that learn no or
+  little subject score Subject 0.000-0.006 (textual inversion, a common-word identifier)
+  and 0.001-0.042 (the two-stage method) at the base over seeds 0-2 ("The studies on the
+  shipped cascade")."""
   workdir = tmp_path / "zigzag_ball"
   run_cli("dreambooth_jax.train", "--config=configs/world.py", f"--workdir={workdir}",
           timeout=3600, ok=True, env=subprocess_env(**ONE_DEVICE))
@@ -107,7 +108,7 @@ def test_the_readmes_first_command(tmp_path):
   m = tuned["metrics"]
   # Seed 0 (the config's): Subject 0.378 here (0.140 on the two-leg cascade before); at the
   # base, over seeds 0-2 (each seed draws its own identifier): 0.380 / 0.487 / 0.089. A run
-  # that learns no subject: 0.000-0.009.
+  # that learns no or little subject: 0.000-0.042.
   assert mean(m, "Subject") > 0.15, m
   assert mean(m, "Context") > 0.60, m  # measured 0.745; seeds 0-2 at the base 0.72-0.74
   assert mean(m, "PRES") < 0.15, m  # measured 0.000
