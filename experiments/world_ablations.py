@@ -9,7 +9,8 @@ variant is trained once per seed (`python -m dreambooth_jax.train`, resumable:
 a finished run is not retrained) and scored by the world protocol
 (`dreambooth_jax.evaluate --protocol=world`: the subject in the four contexts its
 photos never show, "a [class]" for PRES, the same noise for every run). The
-table gives each metric's mean over seeds with its spread (std over seeds).
+table gives each metric's mean over seeds with its spread (std over seeds), and
+the class prompt's colour entropy in bits (how varied "a [class]" still is).
 
   prior       DreamBooth with and without class-prior preservation: language
               drift (PRES) and diversity (DIV), the paper's Table 3.
@@ -56,6 +57,10 @@ STUDIES = {
     "methods": ("dreambooth", "textual_inversion", "two_stage"),
 }
 METRICS = world_protocol.METRICS
+# PRES is 0 for a run whose class prompt draws one kind of ball; its colours' entropy
+# (world_protocol.class_variety) says whether "a ball" still varies.
+CLASS_COLOURS = "class colours"
+COLUMNS = (*METRICS, CLASS_COLOURS)
 
 
 def parse_args(argv=None):
@@ -140,25 +145,29 @@ def figure(report: dict, workdirs: dict, seed: int, report_dir: pathlib.Path,
 def variant_rows(report: dict, workdirs: dict) -> list[dict]:
   """The study's table from a world-protocol report over `workdirs` ({(variant, seed):
   workdir}): the real row, then per variant each metric's mean over seeds of the run's
-  mean over prompts, with the spread over seeds."""
-  by_dir = {r["workdir"]: r["metrics"] for r in report["rows"] if r["workdir"]}
-  real = next(r["metrics"] for r in report["rows"] if r["workdir"] is None)
+  mean over prompts, and its class prompt's colour entropy in bits, with the spread over
+  seeds."""
+  values = lambda r: {**{m: r["metrics"][m]["mean"] for m in METRICS},
+                      CLASS_COLOURS: r["class_prompt"]["colour"]["entropy"]}
+  by_dir = {r["workdir"]: values(r) for r in report["rows"] if r["workdir"]}
+  real = values(next(r for r in report["rows"] if r["workdir"] is None))
   rows = [dict(variant="real (world renders)", seeds=0,
-               **{m: {"mean": real[m]["mean"], "std": 0.0} for m in METRICS})]
+               **{m: {"mean": real[m], "std": 0.0} for m in COLUMNS})]
   for v in dict.fromkeys(v for v, _ in workdirs):
     runs = [by_dir[str(w)] for (v2, _), w in workdirs.items() if v2 == v]
     rows.append(dict(variant=v, seeds=len(runs),
-                     **{m: spread([r[m]["mean"] for r in runs]) for m in METRICS}))
+                     **{m: spread([r[m] for r in runs]) for m in COLUMNS}))
   return rows
 
 
 def markdown(study: str, subject: str, rows: list[dict]) -> str:
-  arrows = world_protocol.ARROWS
+  arrows = {**world_protocol.ARROWS, CLASS_COLOURS: "(bits) ↑"}
+  columns = [m for m in COLUMNS if m in rows[0]]
   lines = [f"### {study} ({subject}; mean ± std over seeds)", "",
-           "| variant | seeds | " + " | ".join(f"{m} {arrows[m]}" for m in METRICS) + " |",
-           "| --- | ---: |" + " ---: |" * len(METRICS)]
+           "| variant | seeds | " + " | ".join(f"{m} {arrows[m]}" for m in columns) + " |",
+           "| --- | ---: |" + " ---: |" * len(columns)]
   for r in rows:
-    cells = [f"{r[m]['mean']:.3f} ± {r[m]['std']:.3f}" for m in METRICS]
+    cells = [f"{r[m]['mean']:.3f} ± {r[m]['std']:.3f}" for m in columns]
     lines.append(f"| {r['variant']} | {r['seeds']} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 

@@ -51,8 +51,19 @@ def test_world_ablations_change_only_what_they_name():
   assert world_ablations.config_arg(args, "dreambooth").endswith("steps=-1,stages=base")
   assert world_ablations.config_arg(args, "sr_not_tuned").endswith("steps=-1,stages=base")
   rows = [{"variant": "dreambooth", "seeds": 2,
-           **{m: world_ablations.spread([0.25, 0.75]) for m in world_ablations.METRICS}}]
-  assert "| dreambooth | 2 | 0.500 ± 0.354 |" in world_ablations.markdown("methods", "x", rows)
+           **{m: world_ablations.spread([0.25, 0.75]) for m in world_ablations.COLUMNS}}]
+  text = world_ablations.markdown("methods", "x", rows)
+  assert "| dreambooth | 2 | 0.500 ± 0.354 |" in text and "class colours (bits) ↑ |" in text
+  # A report of two seeds' runs: each metric's mean over prompts, then its spread over seeds.
+  run = lambda subject, bits: {"workdir": f"w{bits}", "metrics": {
+      m: {"mean": subject if m == "Subject" else 0.0, "std": 0.1} for m in world_ablations.METRICS},
+      "class_prompt": {"colour": {"entropy": bits}}}
+  real = dict(run(1.0, 3.0), workdir=None)
+  rows = world_ablations.variant_rows({"rows": [real, run(0.2, 1.0), run(0.4, 2.0)]},
+                                      {("dreambooth", 0): "w1.0", ("dreambooth", 1): "w2.0"})
+  assert rows[0]["Subject"] == {"mean": 1.0, "std": 0.0} and rows[1]["seeds"] == 2
+  assert rows[1]["Subject"]["mean"] == pytest.approx(0.3)
+  assert rows[1][world_ablations.CLASS_COLOURS] == pytest.approx({"mean": 1.5, "std": 0.5 ** 0.5})
 
 
 def test_identifier_gain_compares_the_run_with_its_frozen_start(full_run):

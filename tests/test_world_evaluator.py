@@ -159,6 +159,33 @@ def test_world_metrics_on_hand_made_probabilities():
   assert wp.format_spread(row["Subject"]) == "0.500 ± 0.200" and wp.format_spread(None) == "N/A"
 
 
+def test_class_variety_reads_what_the_class_prompt_still_varies_in():
+  from dreambooth_jax.evaluation import world_protocol as wp
+  assert wp.entropy_bits(["red"] * 5) == 0.0
+  assert wp.entropy_bits(["red", "blue", "green", "white"]) == pytest.approx(2.0)
+  assert wp.entropy_bits(["red", "red", "red", "blue"]) == pytest.approx(0.811278, abs=1e-6)
+  names = {"colour": ("red", "blue", "green"), "context": ("beach", "night")}
+  # Four images: colours red, red, blue, green (argmax); contexts all night.
+  probs = {"colour": np.array([[0.6, 0.3, 0.1], [0.5, 0.1, 0.4], [0.1, 0.8, 0.1],
+                               [0.2, 0.2, 0.6]]),
+           "context": np.array([[0.1, 0.9]] * 4)}
+  feats = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+  v = wp.class_variety(probs, feats, names)
+  # 6 pairs: two of distance 0, four of distance 1.
+  assert v["DIV"] == pytest.approx(4 / 6)
+  assert v["colour"]["counts"] == {"red": 2, "blue": 1, "green": 1}
+  assert list(v["colour"]["counts"]) == ["red", "blue", "green"]  # commonest first
+  assert v["colour"]["entropy"] == pytest.approx(1.5)
+  assert v["context"] == {"entropy": 0.0, "counts": {"night": 4}}
+  assert wp.class_variety({k: p[:1] for k, p in probs.items()}, feats[:1], names)["DIV"] is None
+  assert wp.format_variety(v, "colour", top=2) == "1.50 (red 2, blue 1, ...)"
+  assert wp.format_variety(None, "colour") == "N/A"
+  row = {"label": "run", "metrics": {m: {"mean": 0.0, "std": 0.0} for m in wp.METRICS},
+         "class_prompt": v}
+  assert wp.format_row(row).endswith(
+      "| class prompt: DIV 0.667, colours 1.50 bits, contexts 0.00 bits")
+
+
 def test_prompt_set_is_the_held_out_contexts_and_the_class_prompt():
   from dreambooth_jax.evaluation import world_protocol as wp
   from dreambooth_jax.world import subjects

@@ -23,6 +23,13 @@ benchmark's metrics have these analogues, each a mean over prompts (± the std o
   DIV ↑         mean cosine distance (1 - cos) of the evaluator's features over
                 distinct pairs of one prompt's images, as LPIPS-DIV.
 
+PRES says whether "a ball" became the subject, not whether it stayed every ball:
+a run can keep PRES at 0 and still draw one kind of ball for the class prompt. So
+each row also reads its class-prompt images (`class_variety`): their DIV, and the
+evaluator's reading of their colours and contexts, as counts and as entropy in bits
+(0 when all agree; log2 k when k values are equally common). The real row's
+ordinary objects of the class are the reference.
+
 The "Real (world renders)" row needs no generator: the subject drawn by the
 world in each held-out context (`photo_scene(i, context=...)` at 64 px) is the
 upper bound of Subject, Attributes, Context and DIV; its PRES is the
@@ -36,6 +43,7 @@ features, so it is checked on hand-made numbers.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Any, Mapping, Sequence
 
@@ -55,6 +63,7 @@ from dreambooth_jax.world import vocab
 METRICS = ("Subject", "Attributes", "Context", "PRES", "DIV")
 ARROWS = {"Subject": "↑", "Attributes": "↑", "Context": "↑", "PRES": "↓", "DIV": "↑"}
 ATTRIBUTES = ("class", "colour", "colour2", "pattern")
+VARIETY_LABELS = ("colour", "context")  # what the class prompt's images are read for
 REAL_LABEL = "Real (world renders)"
 REAL_CLASS_SEED = 0  # the pretraining distribution's seed 0: ordinary objects of the class
 RENDER_SIZE = 64     # the world cascade's last stage
@@ -107,6 +116,27 @@ def pres(class_probs: Mapping[str, np.ndarray], expected: Mapping[str, int]) -> 
   return {"mean": float(p.mean()), "std": float(p.std())}
 
 
+def entropy_bits(names: Sequence[str]) -> float:
+  """Shannon entropy in bits of how often each value occurs in `names`."""
+  counts = np.array(list(collections.Counter(names).values()), np.float64)
+  q = counts / counts.sum()
+  return float(-(q * np.log2(q)).sum()) + 0.0  # + 0.0: -0.0 when all agree
+
+
+def class_variety(probs: Mapping[str, np.ndarray], features: np.ndarray,
+                  label_values: Mapping[str, Sequence[str]]) -> dict[str, Any]:
+  """What the class-prompt images still vary in: DIV over them (None for fewer than 2),
+  and per label in VARIETY_LABELS the evaluator's most likely value of each image, as
+  counts (most common first) and as entropy in bits."""
+  out: dict[str, Any] = {"DIV": (metrics.mean_pairwise_distance(
+      cosine_distance, np.asarray(features))[0] if len(features) >= 2 else None)}
+  for label in VARIETY_LABELS:
+    names = [label_values[label][i] for i in np.asarray(probs[label]).argmax(axis=1)]
+    out[label] = {"entropy": entropy_bits(names),
+                  "counts": dict(collections.Counter(names).most_common())}
+  return out
+
+
 def spread(values: Sequence[float]) -> dict[str, float]:
   """{mean, std} (population std) of per-prompt values."""
   v = np.asarray(values, np.float64)
@@ -132,9 +162,13 @@ def score_row(evaluator, subject, jobs: Sequence[Job], images: Mapping[str, np.n
     probs, feats = evaluator.predict_and_features(images[j.key])
     score = score_images(probs, feats, expected, evaluator.index("context", j.key))
     per_prompt.append({"key": j.key, "prompt": j.template, **score})
-  class_pres = None if class_images is None else pres(evaluator.predict(class_images), expected)
+  class_pres = variety = None
+  if class_images is not None:
+    probs, feats = evaluator.predict_and_features(class_images)
+    class_pres = pres(probs, expected)
+    variety = class_variety(probs, feats, evaluator.label_values)
   row, attributes = summarize(per_prompt, class_pres)
-  return dict(metrics=row, attributes=attributes, per_prompt=per_prompt)
+  return dict(metrics=row, attributes=attributes, class_prompt=variety, per_prompt=per_prompt)
 
 
 # ----------------------------------------------------------------------------
@@ -252,8 +286,22 @@ def table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 
 def format_row(row: Mapping[str, Any]) -> str:
   """One line per row for a terminal: "label: Subject 0.812 ± 0.034  ..."."""
-  return f"{row['label']}: " + "  ".join(f"{m} {format_spread(row['metrics'][m])}"
+  line = f"{row['label']}: " + "  ".join(f"{m} {format_spread(row['metrics'][m])}"
                                          for m in METRICS)
+  v = row.get("class_prompt")
+  if v:
+    line += (f"  | class prompt: DIV {format_score(v['DIV'])}, " + ", ".join(
+        f"{label}s {v[label]['entropy']:.2f} bits" for label in VARIETY_LABELS))
+  return line
+
+
+def format_variety(v: Mapping[str, Any] | None, label: str, top: int = 4) -> str:
+  """"2.25 (yellow 4, green 4, purple 4, ...)": a label's entropy and its commonest values."""
+  if v is None:
+    return "N/A"
+  counts = list(v[label]["counts"].items())
+  shown = ", ".join(f"{k} {n}" for k, n in counts[:top]) + (", ..." if len(counts) > top else "")
+  return f"{v[label]['entropy']:.2f} ({shown})"
 
 
 def markdown(report: Mapping[str, Any]) -> str:
@@ -270,6 +318,16 @@ def markdown(report: Mapping[str, Any]) -> str:
             "| Method | " + " | ".join(ATTRIBUTES) + " |", "|---|" + "---:|" * len(ATTRIBUTES)]
   lines += [f"| {r['label']} | " + " | ".join(format_spread(r["attributes"][a])
                                               for a in ATTRIBUTES) + " |" for r in rows]
+  lines += ["", f"The class prompt \"a {s['class_noun']}\", what prior preservation keeps: DIV "
+            "over its images, and the evaluator's reading of their colours and contexts "
+            "(entropy in bits: 0 when all agree, log2 k when k values are equally common; "
+            "the commonest values with their counts):", "",
+            "| Method | PRES ↓ | DIV ↑ | colours ↑ | contexts ↑ |", "|---|---:|---:|---|---|"]
+  for r in rows:
+    v = r.get("class_prompt")
+    lines.append(f"| {r['label']} | {format_spread(r['metrics']['PRES'])} | "
+                 f"{format_score(v and v['DIV'])} | " + " | ".join(
+                     format_variety(v, label) for label in VARIETY_LABELS) + " |")
   runs = [r for r in rows if r["workdir"]]
   if runs:
     lines += ["", "| Row | Workdir | Step | Identifier | Stage | Generated now |",
