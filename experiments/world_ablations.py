@@ -162,12 +162,11 @@ def variant_rows(report: dict, workdirs: dict) -> list[dict]:
 
 def markdown(study: str, subject: str, rows: list[dict]) -> str:
   arrows = {**world_protocol.ARROWS, CLASS_COLOURS: "(bits) ↑"}
-  columns = [m for m in COLUMNS if m in rows[0]]
   lines = [f"### {study} ({subject}; mean ± std over seeds)", "",
-           "| variant | seeds | " + " | ".join(f"{m} {arrows[m]}" for m in columns) + " |",
-           "| --- | ---: |" + " ---: |" * len(columns)]
+           "| variant | seeds | " + " | ".join(f"{m} {arrows[m]}" for m in COLUMNS) + " |",
+           "| --- | ---: |" + " ---: |" * len(COLUMNS)]
   for r in rows:
-    cells = [f"{r[m]['mean']:.3f} ± {r[m]['std']:.3f}" for m in columns]
+    cells = [f"{r[m]['mean']:.3f} ± {r[m]['std']:.3f}" for m in COLUMNS]
     lines.append(f"| {r['variant']} | {r['seeds']} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 

@@ -96,6 +96,14 @@ def cosine_distance(a, b) -> np.ndarray:
   return 1.0 - metrics.paired_cosine(a, b)
 
 
+def diversity(features) -> float | None:
+  """DIV of one set of images: mean cosine distance over distinct pairs of their evaluator
+  features (None for fewer than 2 images)."""
+  if len(features) < 2:
+    return None
+  return metrics.mean_pairwise_distance(cosine_distance, np.asarray(features))[0]
+
+
 def score_images(probs: Mapping[str, np.ndarray], features: np.ndarray,
                  expected: Mapping[str, int], context: int | None) -> dict[str, Any]:
   """Scores of one prompt's images: Subject, each attribute, Attributes (their mean),
@@ -106,8 +114,7 @@ def score_images(probs: Mapping[str, np.ndarray], features: np.ndarray,
           "Attributes": float(np.mean(list(attributes.values()))),
           "attributes": attributes,
           "Context": None if context is None else take("context", context),
-          "DIV": (metrics.mean_pairwise_distance(cosine_distance, np.asarray(features))[0]
-                  if len(features) >= 2 else None)}
+          "DIV": diversity(features)}
 
 
 def pres(class_probs: Mapping[str, np.ndarray], expected: Mapping[str, int]) -> dict[str, float]:
@@ -116,11 +123,10 @@ def pres(class_probs: Mapping[str, np.ndarray], expected: Mapping[str, int]) -> 
   return {"mean": float(p.mean()), "std": float(p.std())}
 
 
-def entropy_bits(names: Sequence[str]) -> float:
-  """Shannon entropy in bits of how often each value occurs in `names`."""
-  counts = np.array(list(collections.Counter(names).values()), np.float64)
-  q = counts / counts.sum()
-  return float(-(q * np.log2(q)).sum()) + 0.0  # + 0.0: -0.0 when all agree
+def entropy_bits(counts: Sequence[int]) -> float:
+  """Shannon entropy in bits of a distribution given as counts."""
+  q = np.asarray(counts, np.float64) / np.sum(counts)
+  return float((q * np.log2(1.0 / q)).sum())
 
 
 def class_variety(probs: Mapping[str, np.ndarray], features: np.ndarray,
@@ -128,12 +134,12 @@ def class_variety(probs: Mapping[str, np.ndarray], features: np.ndarray,
   """What the class-prompt images still vary in: DIV over them (None for fewer than 2),
   and per label in VARIETY_LABELS the evaluator's most likely value of each image, as
   counts (most common first) and as entropy in bits."""
-  out: dict[str, Any] = {"DIV": (metrics.mean_pairwise_distance(
-      cosine_distance, np.asarray(features))[0] if len(features) >= 2 else None)}
+  out: dict[str, Any] = {"DIV": diversity(features)}
   for label in VARIETY_LABELS:
-    names = [label_values[label][i] for i in np.asarray(probs[label]).argmax(axis=1)]
-    out[label] = {"entropy": entropy_bits(names),
-                  "counts": dict(collections.Counter(names).most_common())}
+    counts = collections.Counter(label_values[label][i]
+                                 for i in np.asarray(probs[label]).argmax(axis=1))
+    out[label] = {"entropy": entropy_bits(list(counts.values())),
+                  "counts": dict(counts.most_common())}
   return out
 
 
